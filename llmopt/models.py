@@ -259,12 +259,15 @@ def read_config(path: Path) -> dict:
 
 def check_causal(config: dict, where: str) -> None:
     """Refuse configs that transformers cannot load as a causal LM (e.g. BERT)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, \
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     model_type = config.get("model_type")
     if model_type is None:
         raise UserError(f"{where}: config.json has no model_type")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    # BERT-like encoders have a causal-LM class too, but only as decoders inside seq2seq models.
+    encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.get("is_decoder")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder or config.get("is_encoder_decoder"):
         raise UserError(f"{where}: model type '{model_type}' is not a causal language model",
                         hint="llmopt works on decoder-only LMs loadable with AutoModelForCausalLM")
 

@@ -10,7 +10,6 @@ import importlib
 import os
 import sys
 
-import click
 import typer
 
 from llmopt.cli.common import app, err_console
@@ -36,12 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.set_verbosity_error()
     try:
         code = app(args=argv, standalone_mode=False, prog_name="llmopt")
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except typer.TyperException as e:   # bad flags, missing arguments: typer's usage errors
         e.show()
         sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         err_console.print("[red]interrupted[/red]: stopped; no partial output was left behind")
         sys.exit(130)
     except UserError as e:

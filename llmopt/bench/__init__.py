@@ -1,0 +1,1 @@
+"""Measuring models: speed (latency, memory), quality (perplexity, KL, agreement) and reports."""
