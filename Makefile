@@ -4,7 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= passive
+# Use WikiText-2 from a sibling shared/ folder when there is one (development checkouts); else `auto` = builtin.
+ifneq ($(wildcard ../shared/data/wikitext-2-raw/wiki.test.raw),)
 export LLMOPT_DATA ?= $(abspath ../shared/data/wikitext-2-raw)
+endif
 
 .PHONY: install demo test test-fast clean
 

@@ -10,6 +10,8 @@ Sources (the `--calib`, `--ppl-data` and `--data` values):
 - `builtin`: Python's own reference documentation (`pydoc_data.topics`), present wherever Python
   is, so the offline quickstart always has real English text. Calibration uses its first three
   quarters, evaluation the last quarter.
+- `auto` (the default everywhere): wikitext2 when a data directory holding `wiki.test.raw` is
+  configured, else builtin. Reports record which source was actually read.
 - a path to a `.txt`/`.raw` file (used as is) or a `.jsonl` file (its `"text"` fields).
 
 Evaluation follows the GPTQ paper's convention: the split's rows joined with "\\n\\n", tokenized
@@ -111,9 +113,17 @@ def _file(path: Path) -> Text:
     return Text(path.read_text(encoding="utf-8", errors="replace"), f"file:{path}")
 
 
+def resolve_auto(source: str, directory: str | Path | None = None) -> str:
+    """`auto` means wikitext2 when a data directory with WikiText-2 is configured, else builtin."""
+    if (source or "").strip().lower() != "auto":
+        return source
+    d = data_dir(directory)
+    return "wikitext2" if d is not None and (d / "wiki.test.raw").is_file() else "builtin"
+
+
 def load_text(source: str, split: str = "eval", directory: str | Path | None = None) -> Text:
-    """Read a text source. `split` is 'eval', 'calib' or 'train'."""
-    name = (source or "").strip()
+    """Read a text source (see the module docstring). `split` is 'eval', 'calib' or 'train'."""
+    name = resolve_auto(source, directory).strip()
     if name.lower() == "wikitext2":
         return _wikitext(split, data_dir(directory))
     if name.lower() == "c4":
