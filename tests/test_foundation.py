@@ -171,3 +171,14 @@ def test_smollm2_alias_cli_chat(cli, monkeypatch):
                          "--seed", "1", "--max-new-tokens", "24")
     assert code == 0, err
     assert out.strip()
+
+
+@pytest.mark.slow
+def test_gemma3_alias_loads_as_second_architecture(cli):
+    code, out, err = cli("info", "gemma3-270m", "--json")
+    if code == 2 and "pip install" in err:
+        pytest.skip("gemma3-270m package not installed")
+    assert code == 0, err
+    facts = json.loads(out)
+    assert facts["model_type"] == "gemma3_text"
+    assert (facts["layers"], facts["hidden_size"], facts["attention_heads"], facts["kv_heads"]) == (18, 640, 4, 1)
