@@ -1,0 +1,109 @@
+"""`llmopt run RECIPE`: run a YAML recipe (prune -> distill -> quantize -> bench), resumably."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from llmopt import recipes
+from llmopt.cli.common import Json, RichProgress, app, err_console, print_json
+
+
+@app.command("run")
+def run_recipe(
+    recipe: Annotated[Path, typer.Argument(help="The recipe: a YAML file with model, out and steps "
+                                                "(see recipes/ and docs/recipes.md).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate everything and print the plan (steps, "
+                                                            "inputs, outputs, run or skip); run nothing.")] = False,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE",
+        help="Override a recipe value (repeatable): a top-level key (model, out, data_dir, device, dtype), "
+             "STEP.option (e.g. prune.ratio=0.3) or steps.N.option (N from 1). VALUE is read as YAML.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun every step, overwriting outputs that exist "
+                                                        "(by default finished steps are skipped).")] = False,
+    json: Json = False,
+) -> None:
+    """Run the steps of a recipe in order; each step is the command of the same name with the same options.
+
+    A step whose output exists with the same recorded parameters is skipped, so an interrupted recipe
+    resumes where it stopped. At the end: one table with a row per stage (base, pruned, distilled,
+    quantized) when the recipe has a bench step.
+    """
+    plan = recipes.load(recipe, set_ or [], force=force)
+    if dry_run:
+        if json:
+            print_json(plan.plan_dict())
+        else:
+            err_console.print(plan_table(plan))
+            err_console.print("[dim]dry run: everything validated, nothing ran[/dim]", highlight=False)
+        return
+    if not json:
+        err_console.print(plan_table(plan))
+    total = len(plan.steps)
+
+    def announce(step: recipes.Step) -> None:
+        if json:
+            return
+        verb = "[dim]skip[/dim]" if step.status == "skip" else "[bold]run[/bold]"
+        err_console.print(f"{verb} step {step.index}/{total} [bold]{step.name}[/bold] -> {step.output}"
+                          f" [dim]({step.reason})[/dim]", highlight=False)
+
+    result = recipes.run(plan, RichProgress(not json), on_step=announce)
+    if json:
+        print_json(result)
+        return
+    render_stages(result)
+
+
+def _brief_options(step: recipes.Step) -> str:
+    """Options that differ from the command's defaults (inputs and outputs have their own columns)."""
+    opts = step.options
+    shown = []
+    hidden = {"output", "force", step.kind.input, "baseline" if step.kind.input == "models" else ""}
+    for f in fields(opts):
+        if f.name in hidden:
+            continue
+        value = getattr(opts, f.name)
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if value != default:
+            shown.append(f"{f.name}={value}")
+    return " ".join(shown)
+
+
+def plan_table(plan: recipes.Recipe) -> Table:
+    table = Table(title=f"llmopt run {plan.path}  (model {plan.model}, out {plan.out})", title_justify="left")
+    for col in ("#", "step", "input", "output", "", "options"):
+        table.add_column(col, overflow="fold")
+    for s in plan.steps:
+        src = recipes._input_of(s)
+        src = ", ".join(map(str, src)) if isinstance(src, list) else str(src)
+        status = f"[dim]skip[/dim] ({s.reason})" if s.status == "skip" else f"[green]run[/green] ({s.reason})"
+        table.add_row(str(s.index), f"{s.kind.name}" + (f" {s.name}" if s.name != s.kind.name else ""), src,
+                      str(s.output), status, _brief_options(s))
+    return table
+
+
+def render_stages(result: dict) -> None:
+    """The final picture: one row per stage, from the bench report when the recipe measured one."""
+    report = result.get("report")
+    labels = {stage["model"]: stage["stage"] for stage in result["stages"]}
+    if report:
+        try:
+            from llmopt.bench.report import render_table
+        except ImportError:
+            render_table = None
+        if render_table is not None:
+            err_console.print(render_table(report, labels=labels))
+            return
+    table = Table(title="stages", title_justify="left")
+    for col in ("stage", "model", "step", "status"):
+        table.add_column(col)
+    steps = {s["output"]: s for s in result["steps"]}
+    for stage in result["stages"]:
+        s: dict[str, Any] = steps.get(stage["model"], {})
+        table.add_row(stage["stage"], stage["model"], s.get("name", "-"), s.get("status", "-"))
+    err_console.print(table)

@@ -1,0 +1,328 @@
+"""Recipes: parsing, validation before anything runs, --set, dry-run plans, resume, and real runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from llmopt import recipes
+from llmopt.checkpoint import atomic_output, provenance, write_provenance
+from llmopt.errors import UserError, require
+from llmopt.recipes import StepKind
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+# --------------------------------------------------------------------------- a fast stand-in step
+
+@dataclass
+class CopyOptions:
+    model: str
+    output: str
+    scale: float = 1.0
+    tags: list[str] = field(default_factory=list)
+    force: bool = False
+
+    def validate(self) -> None:
+        require(self.scale > 0, f"--scale must be positive, got {self.scale}")
+
+
+CALLS: list[CopyOptions] = []
+
+
+def copy_step(opts: CopyOptions, progress=None) -> dict:
+    """Copies its input directory and records provenance, like every real step does."""
+    opts.validate()
+    CALLS.append(opts)
+    started = time.time()
+    with atomic_output(opts.output, opts.force) as tmp:
+        src = Path(opts.model)
+        if src.is_dir():
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+        write_provenance(tmp, provenance("copy", opts.model, opts, started))
+    return {"output": opts.output, "scale": opts.scale}
+
+
+class CopyKind(StepKind):
+    def load(self):
+        return CopyOptions, copy_step
+
+
+@pytest.fixture
+def fake_steps(monkeypatch):
+    """Replace prune/distill by the copy step, keeping the real registry's shape (inputs, stages)."""
+    CALLS.clear()
+    kinds = dict(recipes.STEP_KINDS)
+    kinds["prune"] = CopyKind("prune", "-", "-", "-", "model", "pruned")
+    kinds["copy"] = CopyKind("copy", "-", "-", "-", "model", "copied")
+    monkeypatch.setattr(recipes, "STEP_KINDS", kinds)
+    return CALLS
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.fixture
+def base(tmp_path) -> Path:
+    """A directory that resolves as a model (load_model is never called by the copy step)."""
+    d = tmp_path / "base"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return d
+
+
+# --------------------------------------------------------------------------- parsing and planning
+
+def test_defaults_chain_inputs_and_outputs(tmp_path, base, fake_steps):
+    r = write(tmp_path, f"""
+model: {base}
+out: {tmp_path}/out
+steps:
+  - prune: {{scale: 2}}
+  - copy: {{tags: x}}
+  - name: again
+    copy: {{model: base}}
+  - quantize: {{bits: 3, nsamples: 4}}
+""")
+    plan = recipes.load(r)
+    names = [s.name for s in plan.steps]
+    assert names == ["prune", "copy", "again", "quantize"]
+    prune, copy, again, quant = plan.steps
+    assert prune.options.model == str(base) and prune.options.output == str(tmp_path / "out" / "prune")
+    assert prune.options.scale == 2.0 and isinstance(prune.options.scale, float)   # int -> float
+    assert copy.options.model == prune.options.output and copy.options.tags == ["x"]   # one value = a list
+    assert again.options.model == str(base)                                            # `base` reference
+    assert quant.options.model == again.options.output and quant.options.bits == 3
+    assert [s.status for s in plan.steps] == ["run"] * 4
+    assert plan.stages() == [("base", str(base)), ("pruned", prune.options.output),
+                             ("copied", copy.options.output), ("again", again.options.output),
+                             ("quantized", quant.options.output)]
+
+
+def test_bench_and_distill_defaults(tmp_path, base, fake_steps):
+    pytest.importorskip("llmopt.bench.run")
+    pytest.importorskip("llmopt.distill")
+    r = write(tmp_path, f"""
+model: {base}
+out: {tmp_path}/out
+data_dir: {tmp_path}
+steps:
+  - prune: {{}}
+  - distill: {{steps: 2}}
+  - bench: {{}}
+""")
+    plan = recipes.load(r)
+    prune, distill, bench = plan.steps
+    assert distill.options.student == prune.options.output
+    assert distill.options.teacher == str(base)            # teacher: base by default
+    assert distill.options.output == str(tmp_path / "out" / "distill")
+    assert bench.options.models[0] == str(base) or bench.options.baseline == str(base)
+    assert set(bench.options.models) >= {prune.options.output, distill.options.output}
+    if hasattr(distill.options, "data_dir"):
+        assert distill.options.data_dir == str(tmp_path)   # top-level data_dir reaches every step
+
+
+@pytest.mark.parametrize("body, message", [
+    ("steps:\n  - prune: {{}}\n", "no model"),
+    ("model: {base}\nsteps:\n  - prune: {{}}\n", "no out"),
+    ("model: {base}\nout: {tmp}/o\n", "no steps"),
+    ("model: {base}\nout: {tmp}/o\nstep: []\n", "unknown key 'step'"),
+    ("model: {base}\nout: {tmp}/o\nsteps:\n  - prnue: {{}}\n", "step 1: unknown step 'prnue'"),
+    ("model: {base}\nout: {tmp}/o\nsteps:\n  - copy: {{}}\n  - copy: {{scael: 2}}\n",
+     "step 2 (copy-2): unknown option 'scael' (did you mean 'scale'?)"),
+    ("model: {base}\nout: {tmp}/o\nsteps:\n  - copy: {{scale: fast}}\n", "option 'scale' must be float, got 'fast'"),
+    ("model: {base}\nout: {tmp}/o\nsteps:\n  - copy: {{scale: true}}\n", "option 'scale' must be float"),
+    ("model: {base}\nout: {tmp}/o\nsteps:\n  - quantize: {{bits: 4.5}}\n", "step 1 (quantize): option 'bits' must be"),
+    ("model: {base}\nout: {tmp}/o\nsteps:\n  - quantize: {{method: gtpq}}\n", "step 1 (quantize): unknown --method"),
+    ("model: {base}\nout: {tmp}/o\nsteps:\n  - copy: {{scale: -1}}\n", "step 1 (copy): --scale must be positive"),
+    ("model: {base}\nout: {tmp}/o\nsteps:\n  - copy: {{force: true}}\n", "option 'force' is not set in a recipe"),
+    ("model: {base}\nout: {tmp}/o\nsteps:\n  - copy: {{model: later}}\n  - name: later\n    copy: {{}}\n",
+     "refers to step 'later', which does not come before it"),
+    ("model: {base}\nout: {tmp}/o\nsteps:\n  - copy: {{}}\n    prune: {{}}\n", "several keys"),
+    ("model: {base}\nout: {tmp}/o\nsteps:\n  - copy\n", "a step is a mapping"),
+    ("model: {tmp}/nope\nout: {tmp}/o\nsteps:\n  - copy: {{}}\n", "does not exist"),
+    ("model: {base}\nout: {tmp}/o\nsteps:\n  - copy: {{model: {tmp}/nope}}\n", "does not exist"),
+    ("model: {base}\nout: {tmp}/o\nsteps: [{{name: a, copy: {{}}}}, {{name: a, copy: {{}}}}]\n", "repeated"),
+    ("model: [unclosed\n", "not valid YAML"),
+])
+def test_validation_errors_name_file_step_and_key(tmp_path, base, fake_steps, body, message):
+    r = write(tmp_path, body.format(base=base, tmp=tmp_path))
+    with pytest.raises(UserError) as e:
+        recipes.load(r)
+    assert message in str(e.value)
+    assert str(r) in str(e.value) or "YAML" not in message
+    assert not (tmp_path / "o").exists() and fake_steps == []
+
+
+def test_an_error_in_a_late_step_stops_before_the_first_runs(tmp_path, base, fake_steps, cli):
+    r = write(tmp_path, f"model: {base}\nout: {tmp_path}/out\nsteps:\n  - copy: {{}}\n  - quantize: {{bits: x}}\n")
+    code, out, err = cli("run", r)
+    assert code == 2 and "step 2 (quantize): option 'bits'" in err
+    assert fake_steps == [] and not (tmp_path / "out").exists()
+
+
+def test_missing_step_module_is_a_clear_error(tmp_path, base, monkeypatch):
+    kinds = dict(recipes.STEP_KINDS)
+    kinds["prune"] = StepKind("prune", "llmopt.no_such_module", "PruneOptions", "prune", "model", "pruned")
+    monkeypatch.setattr(recipes, "STEP_KINDS", kinds)
+    r = write(tmp_path, f"model: {base}\nout: {tmp_path}/o\nsteps:\n  - prune: {{}}\n")
+    with pytest.raises(UserError, match="step 'prune' needs llmopt.no_such_module"):
+        recipes.load(r)
+
+
+# --------------------------------------------------------------------------- --set
+
+def test_set_overrides(tmp_path, base, fake_steps):
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    r = write(tmp_path, f"model: {base}\nout: {tmp_path}/out\nsteps:\n  - copy: {{scale: 2}}\n"
+                        f"  - name: second\n    copy: {{}}\n  - quantize: {{}}\n")
+    plan = recipes.load(r, [f"model={other}", f"out={tmp_path}/elsewhere", "copy.scale=3",
+                            "second.tags=[a, b]", "steps.3.bits=8", "steps.3.method=int8",
+                            "quantize.group_size=-1"])
+    copy, second, quant = plan.steps
+    assert copy.options.model == str(other) and copy.options.scale == 3.0
+    assert copy.options.output == str(tmp_path / "elsewhere" / "copy")
+    assert second.options.tags == ["a", "b"]
+    assert (quant.options.bits, quant.options.method, quant.options.group_size) == (8, "int8", -1)
+    for bad, message in [("nonsense", "expected key=value"), ("steps.9.x=1", "has steps 1 to 3"),
+                         ("steps.0.x=1", "has steps 1 to 3"), ("nostep.scale=1", "no step named 'nostep'"),
+                         ("copy.scael=1", "unknown option 'scael'"), ("copy.scale=abc", "must be float"),
+                         ("modle=x", "unknown top-level key")]:
+        with pytest.raises(UserError, match=message):
+            recipes.load(r, [bad])
+
+
+# --------------------------------------------------------------------------- dry run, resume, --force
+
+def test_dry_run_runs_nothing_and_shows_the_plan(tmp_path, base, fake_steps, cli):
+    r = write(tmp_path, f"model: {base}\nout: {tmp_path}/out\nsteps:\n  - copy: {{scale: 2}}\n  - copy: {{}}\n")
+    code, out, err = cli("run", r, "--dry-run", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert [(s["name"], s["status"], s["input"]) for s in plan["steps"]] == [
+        ("copy", "run", str(base)), ("copy-2", "run", str(tmp_path / "out" / "copy"))]
+    assert plan["steps"][0]["options"]["scale"] == 2.0
+    code, out, err = cli("run", r, "--dry-run")
+    assert code == 0 and "copy-2" in err and "nothing ran" in err and out == ""
+    assert fake_steps == [] and not (tmp_path / "out").exists()
+
+
+def test_resume_skips_finished_steps_and_reruns_changed_ones(tmp_path, base, fake_steps, cli):
+    r = write(tmp_path, f"model: {base}\nout: {tmp_path}/out\nsteps:\n  - copy: {{scale: 2}}\n"
+                        "  - copy: {}\n  - copy: {}\n")
+    code, out, err = cli("run", r, "--json")
+    assert code == 0, err
+    assert len(fake_steps) == 3 and [s["status"] for s in json.loads(out)["steps"]] == ["run"] * 3
+
+    fake_steps.clear()
+    assert [s.status for s in recipes.load(r).steps] == ["skip"] * 3
+    code, out, err = cli("run", r, "--json")
+    assert code == 0 and fake_steps == []
+    assert json.loads(out)["steps"][2]["summary"]["skipped"] is True
+
+    # A changed parameter is never overwritten silently: the plan stops before anything runs.
+    code, out, err = cli("run", r, "--set", "copy-2.scale=5")
+    assert code == 2 and "copy-2" in err and "scale 1.0 -> 5.0" in err and "--force" in err
+    assert fake_steps == []
+
+    # Removing a middle output reruns it and everything downstream of it, not what came before.
+    shutil.rmtree(tmp_path / "out" / "copy-2")
+    plan = recipes.load(r)
+    assert [(s.status, s.reason) for s in plan.steps] == [
+        ("skip", "done, same parameters"), ("run", "new"), ("run", "input rebuilt (copy-2)")]
+    code, out, err = cli("run", r)
+    assert code == 0, err
+    assert [c.output for c in fake_steps] == [str(tmp_path / "out" / n) for n in ("copy-2", "copy-3")]
+
+    # --force reruns everything, including the changed parameter.
+    fake_steps.clear()
+    code, out, err = cli("run", r, "--force", "--set", "copy-2.scale=5", "--json")
+    assert code == 0, err
+    assert len(fake_steps) == 3 and fake_steps[1].scale == 5.0 and all(c.force for c in fake_steps)
+
+
+def test_a_foreign_directory_in_the_way_is_not_overwritten(tmp_path, base, fake_steps, cli):
+    (tmp_path / "out" / "copy").mkdir(parents=True)
+    (tmp_path / "out" / "copy" / "precious.txt").write_text("mine")
+    r = write(tmp_path, f"model: {base}\nout: {tmp_path}/out\nsteps:\n  - copy: {{}}\n")
+    code, out, err = cli("run", r)
+    assert code == 2 and "not written by this step" in err
+    assert (tmp_path / "out" / "copy" / "precious.txt").read_text() == "mine" and fake_steps == []
+
+
+# --------------------------------------------------------------------------- shipped recipes
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_recipes_validate_with_dry_run(path, cli, tmp_path):
+    data = recipes.read_recipe(path)
+    for entry in data["steps"]:
+        for kind in set(entry) - {"name"}:
+            pytest.importorskip(recipes.STEP_KINDS[kind].module)
+    # Hub-id recipes stay valid offline: resolving a hub id does not touch the network.
+    code, out, err = cli("run", path, "--dry-run", "--json", "--set", f"out={tmp_path}/out")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["model"] == data["model"] and all(s["status"] == "run" for s in plan["steps"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_recipes_exist():
+    assert {p.name for p in SHIPPED} >= {"smollm2-gptq4.yaml", "smollm2-prune20-distill-gptq4.yaml",
+                                         "llama3-8b-gptq4.yaml", "qwen-prune-distill.yaml"}
+
+
+# --------------------------------------------------------------------------- end to end, real steps
+
+def _have(*modules: str) -> bool:
+    for m in modules:
+        try:
+            if importlib.util.find_spec(m) is None:
+                return False
+        except ModuleNotFoundError:
+            return False
+    return True
+
+
+@pytest.mark.skipif(not _have("llmopt.prune", "llmopt.distill", "llmopt.quantize.pipeline", "llmopt.bench.run"),
+                    reason="needs the prune, distill, quantize (gptq) and bench steps")
+def test_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, cli):
+    model = tiny_model_dir("llama")
+    text = tmp_path / "text.txt"
+    from pydoc_data.topics import topics
+
+    text.write_text("\n\n".join(topics.values()))
+    r = write(tmp_path, f"""
+model: {model}
+out: {tmp_path}/out
+steps:
+  - prune: {{ratio: 0.2, calib: {text}, nsamples: 4, seq_len: 32, device: cpu}}
+  - distill: {{data: {text}, steps: 2, seq_len: 32, device: cpu}}
+  - quantize: {{group_size: 32, calib: {text}, nsamples: 4, seq_len: 32, device: cpu}}
+  - bench: {{ppl_data: {text}, seq_len: 32, ppl_windows: 2, prompt_len: 8, gen_len: 4, repeats: 1,
+             device: cpu}}
+""")
+    code, out, err = cli("run", r, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert [s["status"] for s in result["steps"]] == ["run"] * 4
+    assert [s["stage"] for s in result["stages"]] == ["base", "pruned", "distilled", "quantized"]
+    for name in ("prune", "distill", "quantize"):
+        assert (tmp_path / "out" / name / "llmopt.json").is_file()
+    assert result["report"]
+    # Everything is done: a second run skips every step and still shows the report.
+    code, out2, err = cli("run", r, "--json")
+    assert code == 0, err
+    again = json.loads(out2)
+    assert [s["status"] for s in again["steps"]] == ["skip"] * 4
+    assert again["report"] == result["report"]
