@@ -1,0 +1,78 @@
+"""`llmopt prune MODEL -o OUT --ratio R`: structured width pruning to a standard checkpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from llmopt.cli.common import DataDir, Device, Dtype, Force, Json, RichProgress, app, err_console, human_count, \
+    print_json
+from llmopt.prune import PruneOptions, prune as run_prune
+from llmopt.prune.importance import METHODS
+
+D = PruneOptions
+
+
+@app.command()
+def prune(
+    model: Annotated[str, typer.Argument(help="Directory, .gguf file, hub id or alias (not already quantized).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output directory (written atomically).")],
+    ratio: Annotated[float, typer.Option(help="Fraction of the model's TOTAL parameters to remove, in (0, 0.9]. "
+                                              "Embeddings are never pruned, so the decoder layers lose a larger "
+                                              "fraction; the achieved numbers are reported.")] = D.ratio,
+    importance: Annotated[str, typer.Option(help=f"Structure score: {', '.join(METHODS)}. taylor = |w * dL/dw| "
+                                                 "summed per structure; taylor2 adds the diagonal Fisher term; "
+                                                 "l2 = weight magnitude; random = baseline.")] = D.importance,
+    split: Annotated[str, typer.Option(help="How the budget is shared between attention and MLP: auto (try every "
+                                            "attention shape that fits, keep the lowest calibration loss), mlp "
+                                            "(MLP channels only) or a fraction in [0, 1] taken from attention "
+                                            "(nearest feasible).")] = D.split,
+    reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct",
+                                              help="Refit the kept columns of o_proj / down_proj by least squares "
+                                                   "on calibration activations.")] = D.reconstruct,
+    calib: Annotated[str, typer.Option(help="Calibration text: auto (wikitext2 when a data dir is set, else "
+                                            "builtin), wikitext2, c4, builtin or a .txt/.jsonl path.")] = D.calib,
+    nsamples: Annotated[int, typer.Option(help="Calibration windows (one forward/backward each for taylor).")
+                        ] = D.nsamples,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = D.seq_len,
+    seed: Annotated[int, typer.Option(help="Seed for calibration windows and random scores.")] = D.seed,
+    layers: Annotated[str, typer.Option(help="Layers to prune: all, or a Python slice such as 1:-1. A standard "
+                                             "config gives every layer the same widths, so only all is "
+                                             "accepted today.")] = D.layers,
+    multiple_of: Annotated[int, typer.Option(help="Round the kept MLP width to a multiple of this.")
+                           ] = D.multiple_of,
+    data_dir: DataDir = None,
+    device: Device = D.device,
+    dtype: Dtype = D.dtype,
+    force: Force = False,
+    json: Json = False,
+) -> None:
+    """Remove attention heads / KV groups and MLP channels; write a checkpoint plain transformers loads."""
+    opts = PruneOptions(model=model, output=output, ratio=ratio, importance=importance, calib=calib,
+                        nsamples=nsamples, seq_len=seq_len, seed=seed, layers=layers, multiple_of=multiple_of,
+                        split=split, reconstruct=reconstruct, data_dir=data_dir, device=device, dtype=dtype,
+                        force=force)
+    summary = run_prune(opts, RichProgress(not json))
+    if json:
+        print_json(summary)
+        return
+    before, after = summary["widths_before"], summary["widths_after"]
+    table = Table(title=f"llmopt prune ({summary['importance']})", title_justify="left")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("parameters", human_count(summary["parameters_before"]), human_count(summary["parameters_after"]))
+    table.add_row("decoder-layer parameters", human_count(summary["decoder_parameters_before"]),
+                  human_count(summary["decoder_parameters_after"]))
+    table.add_row("heads / KV heads", f"{before['heads']} / {before['kv_heads']}",
+                  f"{after['heads']} / {after['kv_heads']}")
+    table.add_row("intermediate size", str(before["intermediate"]), str(after["intermediate"]))
+    table.add_row("calibration loss", f"{summary['calibration_loss_before']:.4f}",
+                  f"{summary['calibration_loss_after']:.4f}")
+    err_console.print(table)
+    err_console.print(f"removed {summary['ratio_achieved']:.2%} of all parameters "
+                      f"({summary['decoder_ratio_achieved']:.2%} of the decoder layers; embeddings "
+                      f"{human_count(summary['embedding_parameters'])} untouched)", highlight=False)
+    err_console.print(f"[green]wrote[/green] {output}", highlight=False)
