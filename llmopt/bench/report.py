@@ -1,0 +1,211 @@
+"""Rendering a bench report: a rich table (also used by `llmopt run`), a CSV file and a plot.
+
+All three read the JSON-able report that `llmopt.bench.run.bench` returns and compute nothing new.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+METRIC_COLUMNS = ("parameters", "weight_bytes", "disk_bytes", "bits_per_weight", "bytes_read_per_token",
+                  "perplexity", "nll", "ppl_windows", "ppl_tokens", "kl_vs_baseline", "top1_agreement_pct",
+                  "ttft_s", "prefill_tok_s", "decode_tok_s", "batch_decode_tok_s", "weight_bandwidth_gb_s",
+                  "peak_rss_bytes", "runtime_rss_bytes", "peak_cuda_allocated_bytes")
+DELTA_COLUMNS = ("parameters", "weight_bytes", "disk_bytes", "perplexity", "ttft_s", "prefill_tok_s",
+                 "decode_tok_s", "batch_decode_tok_s", "peak_rss_bytes", "peak_cuda_allocated_bytes")
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def _num(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:,.0f}"
+
+
+def _delta(d: dict | None, style: str = "x") -> Text:
+    """The delta line under a value: green when better, red when worse, dim when within timing noise."""
+    if not d:
+        return Text("")
+    label = f"{d['pct']:+.1f}%" if style == "pct" else f"{d['x']:.2f}x"
+    if d.get("within_noise"):
+        return Text(f"{label} ~", style="dim")
+    if abs(d["x"] - 1.0) < 1e-12:
+        return Text(label, style="dim")
+    strong = abs(d["pct"]) >= 10
+    color = "green" if d["better"] else "red"
+    return Text(label, style=f"bold {color}" if strong else color)
+
+
+def _cell(*lines: str | Text) -> Text:
+    """A multi-line cell: the value, then its delta, then anything else (empty lines dropped)."""
+    cell = Text()
+    for line in lines:
+        line = Text(line) if isinstance(line, str) else line
+        if line.plain:
+            if cell.plain:
+                cell.append("\n")
+            cell.append_text(line)
+    return cell
+
+
+def _range(row: dict, name: str, scale: float = 1.0) -> Text:
+    t = row["timings"].get(name)
+    return Text("") if not t else Text(f"{_num(t['min'] * scale)}..{_num(t['max'] * scale)}", style="dim")
+
+
+def render_table(report: dict, title: str | None = None) -> Table:
+    """One row per model, baseline first; under each figure its delta vs the baseline (x = model/baseline,
+    perplexity in %), and under timed figures the min..max over the rounds."""
+    rows = report["models"]
+    has = {k: any(r["metrics"].get(k) is not None for r in rows) for k in METRIC_COLUMNS}
+    method = report.get("method", {})
+    table = Table(title=title or f"llmopt bench ({method.get('device', '?')}, {method.get('dtype', '?')})",
+                  caption=Text(_caption(report)), caption_justify="left")
+    m = lambda r, k: r["metrics"].get(k)  # noqa: E731
+    d = lambda r, k, style="x": _delta(r["deltas"].get(k), style)  # noqa: E731
+    columns: list[tuple[str, Any]] = [
+        ("model", lambda r: _cell(r["name"], Text("baseline" if r["role"] == "baseline" else
+                                                  _quant(r.get("quantization")), style="dim"))),
+        ("params", lambda r: _cell(_count(m(r, "parameters")), d(r, "parameters"))),
+        ("weights", lambda r: _cell(_bytes(m(r, "weight_bytes")), d(r, "weight_bytes"),
+                                    Text(f"{_num(m(r, 'bits_per_weight'))} b/w", style="dim"))),
+        ("disk", lambda r: _cell(_bytes(m(r, "disk_bytes")), d(r, "disk_bytes"))),
+    ]
+    if has["perplexity"]:
+        columns += [
+            ("ppl", lambda r: _cell(_num(m(r, "perplexity"), 4), d(r, "perplexity", "pct"))),
+            ("KL", lambda r: _cell(_num(m(r, "kl_vs_baseline")))),
+            ("top-1", lambda r: _cell("-" if m(r, "top1_agreement_pct") is None
+                                      else f"{m(r, 'top1_agreement_pct'):.2f}%")),
+        ]
+    if has["decode_tok_s"]:
+        columns += [
+            ("TTFT ms", lambda r: _cell(_num(m(r, "ttft_s") * 1000), d(r, "ttft_s"), _range(r, "ttft_s", 1000))),
+            ("prefill tok/s", lambda r: _cell(_num(m(r, "prefill_tok_s")), d(r, "prefill_tok_s"))),
+            ("decode tok/s", lambda r: _cell(_num(m(r, "decode_tok_s")), d(r, "decode_tok_s"),
+                                             _range(r, "decode_tok_s"))),
+        ]
+    if has["batch_decode_tok_s"]:
+        columns.append((f"batch {method.get('settings', {}).get('batch', '')} tok/s",
+                        lambda r: _cell(_num(m(r, "batch_decode_tok_s")), d(r, "batch_decode_tok_s"),
+                                        _range(r, "batch_decode_tok_s"))))
+    if has["weight_bandwidth_gb_s"]:
+        columns.append(("weights GB/s", lambda r: _cell(_num(m(r, "weight_bandwidth_gb_s")))))
+    if has["peak_cuda_allocated_bytes"]:
+        columns.append(("peak CUDA", lambda r: _cell(_bytes(m(r, "peak_cuda_allocated_bytes")),
+                                                     d(r, "peak_cuda_allocated_bytes"))))
+    elif has["peak_rss_bytes"]:
+        columns.append(("peak RSS", lambda r: _cell(_bytes(m(r, "peak_rss_bytes")), d(r, "peak_rss_bytes"))))
+    for name, _ in columns:
+        table.add_column(name, justify="left" if name == "model" else "right", overflow="fold")
+    for r in rows:
+        table.add_row(*(render(r) for _, render in columns))
+    return table
+
+
+def _quant(q: dict | None) -> str:
+    if not q:
+        return ""
+    method = q.get("quant_method", "quantized")
+    bits = q.get("bits") or (8 if q.get("load_in_8bit") else 4 if q.get("load_in_4bit") else None)
+    return f"{method}{'' if bits is None else f' {bits}-bit'}"
+
+
+def _caption(report: dict) -> str:
+    m = report.get("method", {})
+    s = m.get("settings", {})
+    parts = []
+    if m.get("quality"):
+        parts.append(f"quality: {m.get('ppl_data')}, {s.get('seq_len')}-token windows "
+                     f"(cap {s.get('ppl_windows') or 'none'})")
+    if m.get("speed"):
+        parts.append(f"speed: prompt {s.get('prompt_len')}, {s.get('gen_len')} new tokens, median "
+                     f"and min..max of {s.get('repeats')} interleaved rounds, {m.get('torch_threads')} threads")
+    parts.append("deltas vs baseline: x = model/baseline (timed: median of per-round ratios; ~ = within the "
+                 "rounds' range)")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- files
+
+def _atomic_write(path: str | Path, data: bytes) -> None:
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def csv_text(report: dict) -> str:
+    """One row per model: name, role, every metric, then `<metric>_x` deltas vs the baseline."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["name", "role", *METRIC_COLUMNS, *(f"{k}_x" for k in DELTA_COLUMNS)])
+    for r in report["models"]:
+        writer.writerow([r["name"], r["role"], *("" if r["metrics"].get(k) is None else r["metrics"][k]
+                                                 for k in METRIC_COLUMNS),
+                         *("" if k not in r["deltas"] else r["deltas"][k]["x"] for k in DELTA_COLUMNS)])
+    return buf.getvalue()
+
+
+def write_csv(report: dict, path: str | Path) -> None:
+    _atomic_write(path, csv_text(report).encode())
+
+
+def write_plot(report: dict, path: str | Path) -> None:
+    """Perplexity against decode speed and against weight size, one labelled point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["models"] if r["metrics"].get("perplexity") is not None]
+    panels = [("weight_bytes", "weights in memory (MB)", 1e-6)]
+    if any(r["metrics"].get("decode_tok_s") is not None for r in rows):
+        panels.insert(0, ("decode_tok_s", "decode tokens/s (batch 1, median)", 1.0))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (key, label, scale) in zip(axes[0], panels):
+        for r in rows:
+            x = r["metrics"].get(key)
+            if x is None:
+                continue
+            base = r["role"] == "baseline"
+            ax.scatter([x * scale], [r["metrics"]["perplexity"]], marker="*" if base else "o",
+                       s=140 if base else 60, color="black" if base else "tab:blue", zorder=3)
+            ax.annotate(r["name"], (x * scale, r["metrics"]["perplexity"]), textcoords="offset points",
+                        xytext=(5, 5), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"perplexity ({report['method'].get('ppl_data')})")
+        ax.grid(alpha=0.3)
+    fig.suptitle("llmopt bench: quality vs speed and size (lower perplexity is better)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=120)
+    plt.close(fig)
+    _atomic_write(path, buf.getvalue())
