@@ -115,12 +115,28 @@ class Recipe:
         rows += [(s.label, str(s.output)) for s in self.steps if s.label]
         return rows
 
+    def describe_inputs(self, step: Step) -> str:
+        """The models a step reads, as `base` / step names where they are ones: "student prune, teacher base"."""
+        names = {str(s.output): s.name for s in self.steps}
+        names[self.model] = BASE
+        known = _field_names(type(step.options))
+        parts = []
+        for key in ([step.kind.input] + [k for k in MODEL_FIELDS if k != step.kind.input]):
+            if key not in known or getattr(step.options, key) in (None, []):
+                continue
+            value = getattr(step.options, key)
+            values = value if isinstance(value, list) else [value]
+            text = ", ".join(names.get(str(v), str(v)) for v in values)
+            parts.append(text if key == step.kind.input else f"{key} {text}")
+        return "; ".join(parts)
+
     def plan_dict(self) -> dict:
         return {
             "recipe": str(self.path), "model": self.model, "out": str(self.out), "force": self.force,
             "overrides": self.overrides,
             "steps": [{"index": s.index, "name": s.name, "kind": s.kind.name, "status": s.status,
-                       "reason": s.reason, "input": _input_of(s), "output": str(s.output),
+                       "reason": s.reason, "input": _input_of(s), "reads": self.describe_inputs(s),
+                       "output": str(s.output),
                        "stage": s.label, "options": _jsonable(s.options)} for s in self.steps],
         }
 
@@ -312,6 +328,8 @@ def coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
                 return False, value
         return False, value
     if annotation is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)   # `split: 0.5` means what `--split 0.5` means
         return isinstance(value, str), value
     if annotation is Path:
         return isinstance(value, (str, Path)), str(value) if isinstance(value, Path) else value
@@ -438,13 +456,14 @@ def _resolve_steps(recipe: Recipe, data: dict, src: str) -> None:
             if key in values and key in known:
                 values[key] = ref(values[key], key)
 
-        stage_outputs = [str(s.output) for s in recipe.steps[: step.index - 1] if s.label]
         if step.kind.input == "models":
             if "models" not in values:
-                values["models"] = [recipe.model] + stage_outputs
-                step.inputs += [s.name for s in recipe.steps[: step.index - 1] if s.label]
+                values["models"] = [str(s.output) for s in produced.values()] or [recipe.model]
+                step.inputs += list(produced)
             if "baseline" in known and "baseline" not in values:
                 values["baseline"] = recipe.model
+            if values.get("baseline") and len(values["models"]) > 1:   # the baseline is its own row
+                values["models"] = [m for m in values["models"] if m != values["baseline"]]
         elif step.kind.input not in values:
             values[step.kind.input] = previous
             if previous != recipe.model:
@@ -465,7 +484,7 @@ def _resolve_steps(recipe: Recipe, data: dict, src: str) -> None:
 
         step.options = build_options(cls, values, where)
         try:
-            step.options.validate()
+            _as_if_inputs_exist(step.options, produced, recipe.model).validate()
         except UserError as e:
             raise UserError(f"{where}: {e.args[0]}", hint=e.hint) from e
 
@@ -479,6 +498,21 @@ def _resolve_steps(recipe: Recipe, data: dict, src: str) -> None:
     dup = next((o for o in outputs if outputs.count(o) > 1), None)
     if dup:
         raise UserError(f"{src}: two steps write to {dup}", hint="give them different names or outputs")
+
+
+def _as_if_inputs_exist(options: Any, produced: dict[str, Step], base: str) -> Any:
+    """A copy for validate(): outputs of earlier steps may not exist yet, so the base model stands in."""
+    pending = {str(s.output) for s in produced.values() if not s.output.exists()}
+    if not pending:
+        return options
+
+    def swap(v: Any) -> Any:
+        if isinstance(v, list):
+            return [swap(x) for x in v]
+        return base if isinstance(v, str) and v in pending else v
+
+    names = _field_names(type(options))
+    return replace(options, **{k: swap(getattr(options, k)) for k in MODEL_FIELDS if k in names})
 
 
 def planned_parameters(step: Step) -> dict:
@@ -549,9 +583,21 @@ def run(recipe: Recipe, progress: Progress = SILENT, on_step=None) -> dict:
     plan = recipe.plan_dict()
     for entry in plan["steps"]:
         entry["summary"] = results.get(entry["name"])
-    plan["stages"] = [{"stage": label, "model": model} for label, model in recipe.stages()]
+    plan["stages"] = stage_rows(recipe, report)
     plan["report"] = report
     return plan
+
+
+def stage_rows(recipe: Recipe, report: dict | None) -> list[dict]:
+    """One row per stage (base, pruned, ...) with the bench figures and deltas vs the base, if measured."""
+    measured = {r.get("name"): r for r in (report or {}).get("models", []) if isinstance(r, dict)}
+    step_of = {str(s.output): s.name for s in recipe.steps}
+    rows = []
+    for label, model in recipe.stages():
+        r = measured.get(model, {})
+        rows.append({"stage": label, "model": model, "step": step_of.get(model),
+                     "metrics": r.get("metrics"), "deltas": r.get("deltas")})
+    return rows
 
 
 def _run_step(step: Step, func, opts: Any, recipe: Recipe, progress: Progress) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -63,7 +63,7 @@ def _brief_options(step: recipes.Step) -> str:
     """Options that differ from the command's defaults (inputs and outputs have their own columns)."""
     opts = step.options
     shown = []
-    hidden = {"output", "force", step.kind.input, "baseline" if step.kind.input == "models" else ""}
+    hidden = {"output", "force", *recipes.MODEL_FIELDS}
     for f in fields(opts):
         if f.name in hidden:
             continue
@@ -76,11 +76,10 @@ def _brief_options(step: recipes.Step) -> str:
 
 def plan_table(plan: recipes.Recipe) -> Table:
     table = Table(title=f"llmopt run {plan.path}  (model {plan.model}, out {plan.out})", title_justify="left")
-    for col in ("#", "step", "input", "output", "", "options"):
+    for col in ("#", "step", "reads", "writes", "", "options"):
         table.add_column(col, overflow="fold")
     for s in plan.steps:
-        src = recipes._input_of(s)
-        src = ", ".join(map(str, src)) if isinstance(src, list) else str(src)
+        src = plan.describe_inputs(s)
         status = f"[dim]skip[/dim] ({s.reason})" if s.status == "skip" else f"[green]run[/green] ({s.reason})"
         table.add_row(str(s.index), f"{s.kind.name}" + (f" {s.name}" if s.name != s.kind.name else ""), src,
                       str(s.output), status, _brief_options(s))
@@ -88,22 +87,20 @@ def plan_table(plan: recipes.Recipe) -> Table:
 
 
 def render_stages(result: dict) -> None:
-    """The final picture: one row per stage, from the bench report when the recipe measured one."""
+    """The final picture: one row per stage, bench's own table with stage names, when a bench step ran."""
     report = result.get("report")
-    labels = {stage["model"]: stage["stage"] for stage in result["stages"]}
-    if report:
-        try:
-            from llmopt.bench.report import render_table
-        except ImportError:
-            render_table = None
-        if render_table is not None:
-            err_console.print(render_table(report, labels=labels))
-            return
-    table = Table(title="stages", title_justify="left")
+    title = f"llmopt run {result['recipe']}"
+    if report and report.get("models"):
+        from llmopt.bench.report import render_table
+
+        labels = {stage["model"]: stage["stage"] for stage in result["stages"]}
+        relabeled = dict(report, models=[dict(r, name=labels.get(r["name"], r["name"])) for r in report["models"]])
+        err_console.print(render_table(relabeled, title=f"{title}: stages vs base"))
+        return
+    table = Table(title=f"{title}: stages (add a bench step to measure them)", title_justify="left")
     for col in ("stage", "model", "step", "status"):
         table.add_column(col)
-    steps = {s["output"]: s for s in result["steps"]}
+    status = {s["name"]: s["status"] for s in result["steps"]}
     for stage in result["stages"]:
-        s: dict[str, Any] = steps.get(stage["model"], {})
-        table.add_row(stage["stage"], stage["model"], s.get("name", "-"), s.get("status", "-"))
+        table.add_row(stage["stage"], stage["model"], stage["step"] or "-", status.get(stage["step"], "-"))
     err_console.print(table)
