@@ -55,12 +55,29 @@ def embedding_parameters(model: torch.nn.Module) -> int:
     return n
 
 
+def _quant_scales(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Scales bitsandbytes keeps beside its packed weights, outside parameters and buffers."""
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    found = []
+    if state is not None:
+        found += [state.absmax, state.code]
+        if getattr(state, "nested", False) and getattr(state, "state2", None) is not None:
+            found += [state.state2.absmax, state.state2.code]
+    scb = getattr(weight, "SCB", None)
+    if scb is None:
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+    found.append(scb)
+    return [t for t in found if isinstance(t, torch.Tensor)]
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights held in memory (parameters and persistent buffers, tied tensors once)."""
+    """Bytes of weights held in memory (parameters, persistent buffers and quantization scales; tied
+    tensors once)."""
     seen: set[int] = set()
     total = 0
     for module in model.modules():
-        tensors = list(module.parameters(recurse=False))
+        tensors = list(module.parameters(recurse=False)) + _quant_scales(module)
         persistent = getattr(module, "_non_persistent_buffers_set", set())
         tensors += [b for name, b in module.named_buffers(recurse=False) if name not in persistent]
         for t in tensors:

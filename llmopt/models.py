@@ -330,6 +330,11 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", progress: P
                             hint="pip install 'llmopt[bnb]'")
         kwargs: dict[str, Any] = {"dtype": torch_dtype}
         kwargs.update(_placement(dev))
+        if method == "bitsandbytes":
+            from llmopt.quantize.bnb import quiet_bitsandbytes
+
+            quiet_bitsandbytes()
+            kwargs.setdefault("device_map", {"": "cpu"})   # else transformers picks CUDA even for --device cpu
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         if dev.type == "cpu" and method is None:
             model.to(dev)

@@ -11,6 +11,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from llmopt.cli.common import app, err_console
 from llmopt.errors import UserError
@@ -44,13 +45,13 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print("[red]interrupted[/red]: stopped; no partial output was left behind")
         sys.exit(130)
     except UserError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except Exception as e:  # noqa: BLE001 - one line for the user, the traceback on request
         if os.environ.get("LLMOPT_DEBUG"):
             raise
-        err_console.print(f"[red]error:[/red] {type(e).__name__}: {e} (set LLMOPT_DEBUG=1 for the traceback)",
-                          highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {type(e).__name__}: {escape(str(e))} "
+                          "(set LLMOPT_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
