@@ -156,6 +156,8 @@ def candidates(geo: Geometry, budget: float, multiple_of: int) -> list[Candidate
     out = []
     for kv in range(geo.kv_heads, 0, -1):
         for q in range(geo.q_per_group, 0, -1):
+            if geo.hidden % (kv * q):   # transformers' configs require hidden_size % num_attention_heads == 0
+                continue
             attn = full - geo.layer_params(kv * q, kv, geo.intermediate)
             left = per_layer - attn
             if left < 0 and attn > 0:

@@ -1,0 +1,265 @@
+"""`llmopt prune`: shapes and configs per architecture, exactness of slicing, the scores, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import build_tiny
+from llmopt.prune import PruneOptions, plan, prune
+from llmopt.prune import importance as imp
+from llmopt.prune import slicing
+from llmopt.prune.structure import Widths, arch_for, candidates, decoder_layers, geometry
+
+FAST = dict(nsamples=2, seq_len=32, calib="builtin", device="cpu")
+
+
+def _ids(n: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 500, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ----------------------------------------------------------------------------- end to end per architecture
+
+ARCHS = [("llama", {}), ("qwen2", {}), ("gemma3", {}), ("llama", {"model_type": "mistral"}),
+         ("qwen2", {"model_type": "qwen3", "head_dim": 16}),
+         ("llama", {"num_attention_heads": 4, "num_key_value_heads": 4})]   # plain MHA
+
+
+@pytest.mark.parametrize("arch,overrides", ARCHS, ids=["llama-gqa", "qwen2-bias", "gemma3-qknorm", "mistral",
+                                                       "qwen3-qknorm", "llama-mha"])
+def test_prune_writes_standard_smaller_checkpoint(arch, overrides, tmp_path, tiny_tokenizer):
+    src = tmp_path / "src"
+    model = build_tiny(arch, tiny_tokenizer, **overrides)
+    model.save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    out = tmp_path / "out"
+    summary = prune(PruneOptions(str(src), str(out), ratio=0.3, **FAST))
+
+    pruned = AutoModelForCausalLM.from_pretrained(out)          # plain transformers, standard config
+    cfg = json.loads((out / "config.json").read_text())
+    w = summary["widths_after"]
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]) == \
+        (w["heads"], w["kv_heads"], w["intermediate"])
+    assert cfg["model_type"] == model.config.model_type and "quantization_config" not in cfg
+    assert w["heads"] % w["kv_heads"] == 0 and w["intermediate"] % 8 == 0
+    n = sum(p.numel() for p in pruned.parameters())
+    assert n == summary["parameters_after"] < summary["parameters_before"]
+    assert summary["ratio_achieved"] >= 0.3 and summary["ratio_achieved"] < 0.4
+    for layer in decoder_layers(pruned):
+        assert layer.mlp.down_proj.in_features == w["intermediate"]
+        assert layer.self_attn.q_proj.out_features == w["heads"] * geometry(model.config, arch_for(
+            model.config)).head_dim
+    assert torch.isfinite(_logits(pruned, _ids())).all()
+    record = json.loads((out / "llmopt.json").read_text())
+    assert record["command"] == "prune" and record["metrics"]["parameters_after"] == n
+
+
+# ----------------------------------------------------------------------------- exactness of slicing
+
+def _pruned_in_memory(model, widths: Widths, grams=None, seed: int = 1):
+    arch = arch_for(model.config)
+    geo = geometry(model.config, arch)
+    keeps = slicing.choose(imp.random_scores(geo, seed), geo, widths)
+    return arch, geo, keeps
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_sliced_equals_masked_equals_reloaded(arch, tmp_path, tiny_tokenizer):
+    """Slicing removes exactly the chosen structures: the same logits as zeroing their o/down columns,
+    and the saved checkpoint reloads to the same logits as the in-memory model."""
+    model = build_tiny(arch, tiny_tokenizer)
+    geo0 = geometry(model.config, arch_for(model.config))
+    widths = Widths(2, 1, 64) if geo0.kv_heads > 1 else Widths(2, 1, 64)
+    a, geo, keeps = _pruned_in_memory(model, widths)
+    ids = _ids()
+    with slicing.masked(model, a, geo, keeps):
+        masked = _logits(model, ids)
+    slicing.apply(model, a, geo, widths, keeps)
+    sliced = _logits(model, ids)
+    torch.testing.assert_close(sliced, masked, rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(_logits(reloaded, ids), sliced, rtol=1e-5, atol=1e-5)
+
+
+def test_ratio_zero_leaves_the_model_unchanged(tiny_tokenizer):
+    model = build_tiny("llama", tiny_tokenizer)
+    ids = _ids()
+    before = _logits(model, ids)
+    arch = arch_for(model.config)
+    geo = geometry(model.config, arch)
+    (only,) = [c for c in candidates(geo, 0.0, 8) if c.removed == 0]
+    grams = slicing.Grams()
+    with grams.capture(model, arch):
+        _logits(model, ids)
+    keeps = slicing.choose(imp.weight_scores(model, arch, geo), geo, only.widths)
+    slicing.apply(model, arch, geo, only.widths, keeps, grams)
+    torch.testing.assert_close(_logits(model, ids), before, rtol=0, atol=0)
+    assert model.config.intermediate_size == 160 and model.config.num_attention_heads == 4
+
+
+def test_reconstruction_reduces_output_error():
+    torch.manual_seed(0)
+    mix = torch.randn(32, 32)
+    x = torch.randn(4096, 32) @ mix                       # correlated inputs, as real activations are
+    w = torch.randn(16, 32)
+    keep = torch.arange(0, 32, 2)
+    gram = x.T @ x
+    plain = ((x @ w.T - x[:, keep] @ w[:, keep].T) ** 2).mean()
+    refit = ((x @ w.T - x[:, keep] @ slicing.reconstruct(w, gram, keep, damp=1e-6).T) ** 2).mean()
+    assert refit < 0.5 * plain
+    torch.testing.assert_close(slicing.reconstruct(w, gram, torch.arange(32)), w)
+
+
+# ----------------------------------------------------------------------------- scores
+
+def test_taylor_finds_the_zeroed_structures(tiny_tokenizer):
+    """Channels and a head whose weights are zero have no effect; Taylor must rank them last."""
+    model = build_tiny("llama", tiny_tokenizer)
+    arch = arch_for(model.config)
+    geo = geometry(model.config, arch)
+    dead_channels = [3, 50, 111]
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            layer.mlp.down_proj.weight[:, dead_channels] = 0
+            layer.mlp.gate_proj.weight[dead_channels] *= 1e-3
+            layer.self_attn.o_proj.weight[:, 16:32] = 0        # query head 1 (in KV group 0)
+    windows = _ids(64, seed=3).repeat(3, 1)
+    scores, loss = imp.scores("taylor", model, arch, geo, windows)
+    assert loss > 0
+    keeps = slicing.choose(scores, geo, Widths(heads=2, kv_heads=2, intermediate=geo.intermediate - 3))
+    for s, keep in zip(scores, keeps):
+        assert set(range(geo.intermediate)) - set(keep.channels.tolist()) == set(dead_channels)
+        assert 1 not in keep.q_heads.tolist() and s.q[1] == s.q.min()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_methods_differ_and_l2_matches_weights(tiny_tokenizer):
+    model = build_tiny("qwen2", tiny_tokenizer)
+    arch = arch_for(model.config)
+    geo = geometry(model.config, arch)
+    (l2,) = imp.weight_scores(model, arch, geo)[:1]
+    layer = decoder_layers(model)[0]
+    expected = (layer.mlp.gate_proj.weight ** 2).sum(1) + (layer.mlp.up_proj.weight ** 2).sum(1) + \
+        (layer.mlp.down_proj.weight ** 2).sum(0)
+    torch.testing.assert_close(l2.mlp, expected.detach())
+    r1, r2 = imp.random_scores(geo, 0), imp.random_scores(geo, 0)
+    assert torch.equal(r1[0].mlp, r2[0].mlp)
+    t1, _ = imp.scores("taylor", model, arch, geo, _ids(32).repeat(2, 1))
+    t2, _ = imp.scores("taylor2", model, arch, geo, _ids(32).repeat(2, 1))
+    assert (t2[0].mlp >= t1[0].mlp).all() and not torch.equal(t1[0].mlp, t2[0].mlp)
+
+
+# ----------------------------------------------------------------------------- planning
+
+def test_split_controls_attention_share(tmp_path, tiny_tokenizer):
+    model = build_tiny("llama", tiny_tokenizer)
+    mlp_only = plan(model.config, PruneOptions("m", "o", ratio=0.3, split="mlp"))
+    assert [c.attention_removed for c in mlp_only.options] == [0]
+    heavy = plan(model.config, PruneOptions("m", "o", ratio=0.3, split="0.5"))
+    (c,) = heavy.options
+    assert c.attention_removed > 0 and c.widths.heads < 4
+    auto = plan(model.config, PruneOptions("m", "o", ratio=0.3))
+    assert len(auto.options) > 2
+    assert all(o.removed >= auto.budget for o in auto.options)
+
+
+# ----------------------------------------------------------------------------- bad input (exit 2, nothing written)
+
+def _bad(cli, out: Path, *args, match: str) -> None:
+    code, _, err = cli("prune", *args, "-o", out, "--calib", "builtin", "--nsamples", "2", "--seq-len", "32",
+                       "--device", "cpu")
+    assert code == 2, (code, err)
+    assert match.lower() in " ".join(err.lower().split()), err
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}*"))
+
+
+@pytest.mark.parametrize("ratio", ["0", "-0.1", "0.95"])
+def test_ratio_out_of_range(cli, tiny_model_dir, tmp_path, ratio):
+    _bad(cli, tmp_path / "out", tiny_model_dir("llama"), "--ratio", ratio, match="--ratio must be in (0, 0.9]")
+
+
+def test_ratio_too_high_for_one_head_per_group(cli, tiny_model_dir, tmp_path):
+    _bad(cli, tmp_path / "out", tiny_model_dir("llama"), "--ratio", "0.9", match="one query head per KV group")
+
+
+def test_ratio_too_high_for_mlp_only(cli, tiny_model_dir, tmp_path):
+    _bad(cli, tmp_path / "out", tiny_model_dir("llama"), "--ratio", "0.6", "--split", "mlp",
+         match="from the MLP alone")
+
+
+def test_unknown_importance(cli, tiny_model_dir, tmp_path):
+    _bad(cli, tmp_path / "out", tiny_model_dir("llama"), "--importance", "magic", match="unknown --importance")
+
+
+def test_bad_split_and_layers(cli, tiny_model_dir, tmp_path):
+    path = tiny_model_dir("llama")
+    _bad(cli, tmp_path / "out", path, "--split", "2", match="--split must be in [0, 1]")
+    _bad(cli, tmp_path / "out", path, "--layers", "1:-1", match="same widths")
+
+
+def test_unsupported_architecture(cli, tmp_path, tiny_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    src = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tiny_tokenizer))).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    _bad(cli, tmp_path / "out", src, match="does not support model type 'gpt2'")
+    code, _, err = cli("prune", src, "-o", tmp_path / "out2")
+    assert "Llama" in err and "Gemma3" in err
+
+
+def test_quantized_input_refused(cli, tiny_model_dir, tmp_path):
+    path = tiny_model_dir("llama")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (path / "config.json").write_text(json.dumps(cfg))
+    _bad(cli, tmp_path / "out", path, match="already quantized (gptq)")
+
+
+def test_existing_output_needs_force(cli, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = cli("prune", tiny_model_dir("llama"), "-o", out, "--calib", "builtin")
+    assert code == 2 and "already exists" in err
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_json_and_table(cli, tiny_model_dir, tmp_path):
+    path = tiny_model_dir("gemma3")
+    code, out, err = cli("prune", path, "-o", tmp_path / "p", "--ratio", "0.25", "--importance", "l2",
+                         "--no-reconstruct", "--calib", "builtin", "--nsamples", "2", "--seq-len", "32", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["importance"] == "l2" and summary["ratio_achieved"] >= 0.25
+    code, _, err = cli("prune", path, "-o", tmp_path / "p", "--ratio", "0.2", "--split", "mlp", "--force",
+                       "--calib", "builtin", "--nsamples", "2", "--seq-len", "32")
+    assert code == 0, err
+    assert "intermediate size" in err and "wrote" in err
+    code, out, _ = cli("prune", "--help")
+    assert code == 0 and "--ratio" in out and "--importance" in out
+
+
+# ----------------------------------------------------------------------------- the real model
+
+@pytest.mark.slow
+def test_smollm2_prune_20_percent(tmp_path, wikitext_dir):
+    out = tmp_path / "smollm2-p20"
+    summary = prune(PruneOptions("smollm2-135m", str(out), ratio=0.2, nsamples=4, seq_len=128, split="mlp",
+                                 data_dir=str(wikitext_dir), device="cpu"))
+    assert 0.2 <= summary["ratio_achieved"] < 0.205
+    assert summary["embedding_parameters"] == 49152 * 576
+    assert summary["calibration_loss_after"] < summary["calibration_loss_before"] + 1.0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size == summary["widths_after"]["intermediate"] < 1536
