@@ -1,0 +1,267 @@
+"""Knowledge distillation: train a smaller student (e.g. a pruned llmopt output) to imitate its teacher.
+
+`distill(opts)` validates, checks the output path, reads the training text and compares the two
+tokenizers before loading any weights, then loads a frozen teacher and a float32 student, trains
+(`loop`), and writes the student weights with the lowest held-out perplexity as a standard
+checkpoint. Training text is the `train` split of `--data` (for WikiText-2 offline that is
+wiki.valid.raw, since wiki.test.raw is what `llmopt bench` reports); its last `--eval-windows`
+windows are held out for the perplexity that picks the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from llmopt.checkpoint import atomic_output, check_output, provenance, write_provenance
+from llmopt.data import load_text, resolve_auto, tokenize
+from llmopt.distill.losses import LOSSES
+from llmopt.distill.loop import LoopConfig, train
+from llmopt.errors import UserError, require
+from llmopt.info import count_parameters
+from llmopt.models import Source, load_model, local_dir, parse_device, parse_dtype, quant_method, read_config
+from llmopt.progress import SILENT, Progress
+
+
+@dataclass
+class DistillOptions:
+    teacher: str
+    student: str
+    output: str
+    data: str = "auto"                  # auto = wikitext2 when a data dir is set, else builtin; or a file
+    steps: int = 300                    # optimizer steps
+    seq_len: int = 512
+    batch_size: int = 4                 # sequences per micro-batch (per process)
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0          # 0 disables clipping
+    loss: str = "fkl"                   # fkl | rkl | jsd
+    temperature: float = 1.0
+    beta: float = 0.5                   # jsd mixture weight of the teacher
+    alpha_ce: float = 0.0               # weight of the next-token loss; the divergence gets 1 - alpha_ce
+    hidden_mse: float = 0.0             # weight of the hidden-state loss (same hidden size only)
+    eval_every: int = 50                # 0 = evaluate only before and after training
+    eval_windows: int = 16              # held-out windows of seq_len tokens
+    max_minutes: float | None = None    # training time budget
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    data_dir: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"                 # the teacher's dtype; the student trains in float32
+    force: bool = False
+
+    def validate(self) -> None:
+        require(bool(self.output), "no output directory given", "pass -o OUT")
+        require(bool(self.teacher and self.student), "both --teacher and --student are needed")
+        require(self.steps > 0, f"--steps must be positive, got {self.steps}")
+        require(self.seq_len >= 2, f"--seq-len must be at least 2, got {self.seq_len}")
+        require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
+        require(self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}")
+        require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        require(self.warmup_steps >= 0, f"--warmup-steps cannot be negative, got {self.warmup_steps}")
+        require(self.max_grad_norm >= 0, f"--max-grad-norm cannot be negative, got {self.max_grad_norm}")
+        require(self.loss in LOSSES, f"unknown --loss '{self.loss}'", f"use one of {', '.join(LOSSES)}")
+        require(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
+        require(self.loss != "jsd" or 0 < self.beta < 1, f"--beta must be in (0, 1) for jsd, got {self.beta}",
+                "beta -> 0 and beta -> 1 approach the forward and reverse KL: use --loss fkl / rkl for those")
+        require(0 <= self.alpha_ce <= 1, f"--alpha-ce must be in [0, 1], got {self.alpha_ce}")
+        require(self.hidden_mse >= 0, f"--hidden-mse cannot be negative, got {self.hidden_mse}")
+        require(self.eval_every >= 0, f"--eval-every cannot be negative, got {self.eval_every}")
+        require(self.eval_windows > 0, f"--eval-windows must be positive, got {self.eval_windows}")
+        require(self.max_minutes is None or self.max_minutes > 0,
+                f"--max-minutes must be positive, got {self.max_minutes}")
+        parse_device(self.device)
+        parse_dtype(self.dtype, torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- checks before loading weights
+
+def _raw_config(source: Source) -> dict | None:
+    return read_config(source.path) if source.kind in ("dir", "alias") else None
+
+
+def _refuse_quantized(raw: dict | None, spec: str) -> None:
+    if raw is not None and raw.get("quantization_config"):
+        method = quant_method(raw) or "unknown method"
+        raise UserError(f"student {spec} is quantized ({method}); distillation trains full-precision weights",
+                        hint="distill the unquantized student, then run llmopt quantize on the result")
+
+
+def _hidden_size(raw: dict | None) -> int | None:
+    if raw is None:
+        return None
+    return (raw.get("text_config") or {}).get("hidden_size") or raw.get("hidden_size")
+
+
+def _tokenizer(source: Source):
+    from transformers import AutoTokenizer
+
+    if source.kind not in ("dir", "alias"):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source.path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{source.spec} has no usable tokenizer: {e}",
+                        hint="save the tokenizer next to the weights (tokenizer.save_pretrained)") from e
+
+
+def check_tokenizers(teacher_tok, student_tok, sample: str) -> None:
+    """Distillation compares distributions token by token, so both sides must mean the same ids."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        differ = len(set(tv.items()) ^ set(sv.items())) // 2
+        raise UserError(f"teacher and student tokenizers differ ({len(tv)} vs {len(sv)} tokens, about {differ} "
+                        "entries disagree); distillation needs the same vocabulary on both sides",
+                        hint="use a student derived from the teacher (e.g. llmopt prune) or of the same family")
+    probe = sample[:4000]
+    if tokenize(teacher_tok, probe).tolist() != tokenize(student_tok, probe).tolist():
+        raise UserError("teacher and student tokenizers share a vocabulary but split text differently",
+                        hint="use the teacher's tokenizer files for the student")
+
+
+def _check_vocab(model, tokenizer, role: str) -> int:
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise UserError(f"the {role}'s output layer has {rows} rows for a tokenizer of {len(tokenizer)} tokens")
+    return rows
+
+
+def split_tokens(ids: torch.Tensor, seq_len: int, eval_windows: int, batch_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed training sequences [n, seq_len] and the held-out tail [eval_windows, seq_len]."""
+    held = eval_windows * seq_len
+    n_train = (ids.numel() - held) // seq_len
+    if n_train < batch_size:
+        raise UserError(f"the training text has {ids.numel()} tokens: not enough for {eval_windows} held-out "
+                        f"windows plus one batch of {batch_size} x {seq_len} tokens",
+                        hint="use a longer text, or lower --eval-windows, --seq-len or --batch-size")
+    train_ids = ids[: n_train * seq_len].view(n_train, seq_len)
+    eval_ids = ids[ids.numel() - held:].view(eval_windows, seq_len)
+    return train_ids, eval_ids
+
+
+# --------------------------------------------------------------------------- the command
+
+def _accelerator(device: torch.device):
+    from accelerate import Accelerator
+
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no")
+
+
+def _placement(accelerator) -> str:
+    dev = accelerator.device
+    if dev.type == "cuda":
+        return f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"
+    return dev.type
+
+
+def distill(opts: DistillOptions, progress: Progress = SILENT) -> dict:
+    """Run `llmopt distill`; returns the JSON-able summary also written to llmopt.json.
+
+    When Ctrl-C stops training, the best checkpoint so far is still written (atomically) and the
+    summary says `"stopped": "interrupted"`.
+    """
+    started = time.time()
+    opts.validate()
+    out = check_output(opts.output, opts.force)
+
+    t_src = local_dir(opts.teacher, progress)
+    s_src = local_dir(opts.student, progress)
+    t_raw, s_raw = _raw_config(t_src), _raw_config(s_src)
+    _refuse_quantized(s_raw, opts.student)
+    if opts.hidden_mse > 0 and None not in (_hidden_size(t_raw), _hidden_size(s_raw)) \
+            and _hidden_size(t_raw) != _hidden_size(s_raw):
+        raise UserError(f"--hidden-mse needs equal hidden sizes, but the teacher has {_hidden_size(t_raw)} and the "
+                        f"student {_hidden_size(s_raw)}", hint="drop --hidden-mse (logit distillation still works)")
+    source = resolve_auto(opts.data, opts.data_dir)
+    text = load_text(source, "train", opts.data_dir)
+    t_tok, s_tok = _tokenizer(t_src), _tokenizer(s_src)
+    if t_tok is not None and s_tok is not None:
+        check_tokenizers(t_tok, s_tok, text.text)
+
+    accelerator = _accelerator(parse_device(opts.device))
+    if not accelerator.is_main_process:
+        progress = SILENT
+    from accelerate.utils import set_seed
+
+    set_seed(opts.seed)
+    where = _placement(accelerator)
+    saved_dtype = (s_raw or {}).get("dtype") or (s_raw or {}).get("torch_dtype") or "float32"
+    teacher = load_model(opts.teacher, device=where, dtype=opts.dtype, progress=progress)
+    student = load_model(opts.student, device=where, dtype="float32", progress=progress)
+    if getattr(student.model.config, "quantization_config", None) is not None:   # hub / gguf students
+        _refuse_quantized(student.model.config.to_dict(), opts.student)
+    if t_tok is None or s_tok is None:
+        check_tokenizers(teacher.tokenizer, student.tokenizer, text.text)
+    tok = student.tokenizer
+    _check_vocab(teacher.model, tok, "teacher")
+    _check_vocab(student.model, tok, "student")
+    if opts.hidden_mse > 0 and teacher.model.config.get_text_config().hidden_size != \
+            student.model.config.get_text_config().hidden_size:
+        raise UserError("--hidden-mse needs equal hidden sizes in teacher and student",
+                        hint="drop --hidden-mse")
+
+    train_ids, eval_ids = split_tokens(tokenize(tok, text.text), opts.seq_len, opts.eval_windows, opts.batch_size)
+    model = student.model
+    model.config.use_cache = False
+    if opts.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):     # the transformers >= 5.x name
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    cfg = LoopConfig(steps=opts.steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.lr,
+                     warmup_steps=opts.warmup_steps, max_grad_norm=opts.max_grad_norm, loss=opts.loss,
+                     temperature=opts.temperature, beta=opts.beta, alpha_ce=opts.alpha_ce,
+                     hidden_mse=opts.hidden_mse, eval_every=opts.eval_every, max_minutes=opts.max_minutes,
+                     seed=opts.seed)
+    result = train(model, teacher.model, train_ids, eval_ids, cfg, accelerator, progress)
+
+    before = result.curve[0]["ppl"]
+    metrics = {
+        "teacher_heldout_ppl": round(result.teacher_ppl, 4),
+        "student_heldout_ppl_before": before,
+        "student_heldout_ppl_best": round(result.best_ppl, 4),
+        "best_step": result.best_step,
+        "steps_done": result.steps_done,
+        "steps_requested": opts.steps,
+        "stopped": result.stopped,
+        "tokens_trained": result.tokens,
+        "train_seconds": result.train_seconds,
+        "processes": accelerator.num_processes,
+        "heldout": f"last {opts.eval_windows} windows of {opts.seq_len} tokens of the training text",
+        "curve": result.curve,
+        "student_parameters": count_parameters(model),
+        "teacher_parameters": count_parameters(teacher.model),
+    }
+    summary = {"output": str(out), "teacher": opts.teacher, "student": opts.student, **metrics,
+               "data": text.description, "train_sequences": len(train_ids)}
+    if accelerator.is_main_process:
+        bare = accelerator.unwrap_model(model)
+        bare.load_state_dict(result.best_state)
+        if opts.gradient_checkpointing:
+            (getattr(bare, "activation_checkpointing_disable", None) or bare.gradient_checkpointing_disable)()
+        bare.config.use_cache = True
+        bare.to(getattr(torch, str(saved_dtype).replace("torch.", ""), torch.float32)).eval()
+        record = provenance("distill", opts.student, opts, started, metrics, teacher=opts.teacher,
+                            data=text.description)
+        with atomic_output(out, opts.force) as tmp:
+            bare.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            write_provenance(tmp, record)
+        summary["wall_time_s"] = record["wall_time_s"]
+        if result.stopped == "interrupted":
+            progress.note(f"interrupted after {result.steps_done} steps: saved the best checkpoint so far "
+                          f"(step {result.best_step}, held-out perplexity {result.best_ppl:.3f}) to {out}")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+__all__ = ["DistillOptions", "distill", "check_tokenizers", "split_tokens"]

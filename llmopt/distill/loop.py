@@ -1,0 +1,184 @@
+"""The distillation training loop: frozen teacher, trained student, held-out evaluation, best checkpoint.
+
+Parallelism comes from accelerate: under `accelerate launch` every process trains on its own share
+of the batches (DDP, or FSDP when the accelerate config says so) and the optimizer steps stay in
+lockstep; a plain `llmopt distill` is the one-process case of the same code. The learning-rate
+schedule is computed here (linear warmup, then cosine to zero) and written into the optimizer, so
+it means the same thing however many processes run.
+
+Stopping is agreed between processes (the time budget is read on each, a disagreement would hang
+the collectives), and Ctrl-C ends the loop with the best state seen so far, which the caller saves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from llmopt.bench.quality import window_nll
+from llmopt.distill.losses import combined
+from llmopt.progress import SILENT, Progress
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    warmup_steps: int
+    max_grad_norm: float
+    loss: str
+    temperature: float
+    beta: float
+    alpha_ce: float
+    hidden_mse: float
+    eval_every: int
+    max_minutes: float | None
+    seed: int
+
+
+@dataclass
+class Result:
+    steps_done: int
+    stopped: str                        # "completed" | "time budget" | "interrupted"
+    curve: list[dict] = field(default_factory=list)   # one row per evaluation
+    best_step: int = 0
+    best_ppl: float = math.inf
+    best_state: dict | None = None      # CPU copy of the student's weights at best_step (main process)
+    teacher_ppl: float | None = None
+    tokens: int = 0                     # training tokens seen by the student, all processes together
+    train_seconds: float = 0.0
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to zero."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batches(chunks: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """Endless micro-batches of packed sequences: a fresh seeded shuffle every epoch, each process
+    taking every `world`-th sequence, so processes never train on the same text in one epoch."""
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        order = torch.randperm(len(chunks), generator=g)[rank::world]
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield chunks[order[i: i + batch_size]]
+        epoch += 1
+
+
+def _agree(accelerator, flag: bool) -> bool:
+    """True on every process when it is true on any: stop decisions must be collective."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def _snapshot(accelerator, model) -> dict | None:
+    """A CPU copy of the full student state (gathered under FSDP); kept on the main process only."""
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def train(student, teacher, train_chunks: torch.Tensor, eval_windows: torch.Tensor, cfg: LoopConfig,
+          accelerator, progress: Progress = SILENT) -> Result:
+    """Distill `teacher` into `student` (already placed on accelerator.device); returns the curve and
+    the best weights. The student is left with its last weights, not the best ones."""
+    started = time.monotonic()
+    result = Result(steps_done=0, stopped="completed")
+    need_hidden = cfg.hidden_mse > 0
+    teacher.eval().requires_grad_(False)
+
+    result.teacher_ppl = math.exp(window_nll(teacher, eval_windows, progress, "Teacher held-out perplexity")
+                                  .mean().item())
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    model, optimizer = accelerator.prepare(student, optimizer)
+    bare = accelerator.unwrap_model(model)
+
+    def evaluate(step: int, train_loss: float | None, show: Progress) -> None:
+        bare.eval()
+        ppl = math.exp(window_nll(bare, eval_windows, show, "Student held-out perplexity").mean().item())
+        bare.train()
+        best = ppl < result.best_ppl
+        if best:
+            result.best_ppl, result.best_step = ppl, step
+            result.best_state = _snapshot(accelerator, model)
+        result.curve.append({"step": step, "ppl": round(ppl, 4), "train_loss": train_loss,
+                             "tokens": result.tokens, "elapsed_s": round(time.monotonic() - started, 1)})
+        if step > 0:
+            progress.note(f"step {step}/{cfg.steps}: held-out perplexity {ppl:.3f} (teacher "
+                          f"{result.teacher_ppl:.3f}){'  best so far' if best else ''}")
+
+    data = batches(train_chunks, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
+    tokens_per_step = cfg.batch_size * train_chunks.shape[1] * cfg.grad_accum * accelerator.num_processes
+    losses: list[float] = []
+    try:
+        evaluate(0, None, progress)
+        model.train()
+        progress.start("Distilling", total=cfg.steps)
+        for step in range(cfg.steps):
+            t0 = time.monotonic()
+            lr = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_terms: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                ids = next(data).to(accelerator.device)
+                last = micro == cfg.grad_accum - 1
+                with nullcontext() if last else accelerator.no_sync(model):
+                    with torch.no_grad():
+                        t_out = teacher(ids, output_hidden_states=need_hidden, use_cache=False)
+                    s_out = model(ids, output_hidden_states=need_hidden, use_cache=False)
+                    terms = combined(s_out.logits, t_out.logits, ids, kind=cfg.loss, temperature=cfg.temperature,
+                                     beta=cfg.beta, alpha_ce=cfg.alpha_ce, hidden_weight=cfg.hidden_mse,
+                                     student_hidden=s_out.hidden_states if need_hidden else None,
+                                     teacher_hidden=t_out.hidden_states if need_hidden else None)
+                    accelerator.backward(terms["loss"] / cfg.grad_accum)
+                for k, v in terms.items():
+                    step_terms[k] = step_terms.get(k, 0.0) + v.item() / cfg.grad_accum
+                del t_out, s_out, terms
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.steps_done = step + 1
+            result.tokens += tokens_per_step
+            losses.append(step_terms["loss"])
+            elapsed = time.monotonic() - t0
+            live = {"loss": step_terms["loss"], "kd": step_terms["kd"], "lr": lr,
+                    "tok_s": round(tokens_per_step / max(elapsed, 1e-9))}
+            if result.curve:
+                live["ppl"] = result.curve[-1]["ppl"]
+            progress.advance(1, **live)
+
+            n = step + 1
+            out_of_time = cfg.max_minutes is not None and time.monotonic() - started >= cfg.max_minutes * 60
+            out_of_time = _agree(accelerator, out_of_time)
+            if (cfg.eval_every > 0 and n % cfg.eval_every == 0) or n == cfg.steps or out_of_time:
+                evaluate(n, round(sum(losses) / len(losses), 5), SILENT)
+                losses.clear()
+            if out_of_time and n < cfg.steps:
+                result.stopped = "time budget"
+                progress.note(f"--max-minutes {cfg.max_minutes:g} reached after {n} of {cfg.steps} steps")
+                break
+        progress.finish()
+    except KeyboardInterrupt:
+        progress.finish()
+        if not result.curve:       # nothing measured yet, so there is no best checkpoint to keep
+            raise
+        result.stopped = "interrupted"
+    result.train_seconds = round(time.monotonic() - started, 1)
+    return result

@@ -1,0 +1,337 @@
+"""Distillation: the losses against hand-computed values, the loop on tiny models, bad input, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmopt.distill import DistillOptions, distill
+from llmopt.distill.loop import lr_at
+from llmopt.distill.losses import combined, divergence, hidden_mse, layer_map
+from llmopt.errors import UserError
+from llmopt.progress import Progress
+
+from conftest import build_tiny
+
+
+def _logits(*probs: float) -> torch.Tensor:
+    return torch.tensor(probs, dtype=torch.float64).log().float()
+
+
+# ----------------------------------------------------------------------------- losses
+
+def test_forward_and_reverse_kl_by_hand():
+    t, s = _logits(0.5, 0.5), _logits(0.25, 0.75)
+    fkl = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    rkl = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert divergence(s, t, "fkl").item() == pytest.approx(fkl, rel=1e-5)
+    assert divergence(s, t, "rkl").item() == pytest.approx(rkl, rel=1e-5)
+    assert fkl != pytest.approx(rkl)   # the example tells the two directions apart
+
+
+def test_generalized_jsd_by_hand():
+    p, q = [0.5, 0.5], [0.25, 0.75]
+    t, s = _logits(*p), _logits(*q)
+    for beta in (0.5, 0.2):
+        m = [beta * a + (1 - beta) * b for a, b in zip(p, q)]
+        kl_pm = sum(a * math.log(a / c) for a, c in zip(p, m))
+        kl_qm = sum(b * math.log(b / c) for b, c in zip(q, m))
+        expect = beta * kl_pm + (1 - beta) * kl_qm
+        assert divergence(s, t, "jsd", beta=beta).item() == pytest.approx(expect, rel=1e-5)
+    # the classic JSD is symmetric
+    assert divergence(s, t, "jsd").item() == pytest.approx(divergence(t, s, "jsd").item(), rel=1e-6)
+
+
+def test_temperature_softens_and_scales_by_t_squared():
+    teacher = torch.tensor([0.0, 2 * math.log(3.0)])   # /2 -> probabilities 1/4, 3/4
+    student = torch.tensor([0.0, 0.0])                 # 1/2, 1/2 at any temperature
+    kl = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert divergence(student, teacher, "fkl", temperature=2.0).item() == pytest.approx(4 * kl, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd"])
+def test_identical_distributions_have_zero_divergence(kind):
+    x = torch.randn(2, 7, 33)
+    assert divergence(x, x.clone(), kind, temperature=1.7).item() == pytest.approx(0.0, abs=1e-6)
+    assert divergence(torch.randn(2, 7, 33), x, kind).item() > 0
+
+
+def test_divergence_is_a_token_mean():
+    t, s = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
+    per_token = [divergence(s[i, j], t[i, j]).item() for i in range(3) for j in range(5)]
+    assert divergence(s, t).item() == pytest.approx(sum(per_token) / len(per_token), rel=1e-5)
+
+
+def test_ce_mixing_and_shared_vocabulary():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (2, 6))
+    s, t = torch.randn(2, 6, 12), torch.randn(2, 6, 10)     # the student's head is padded to 12 rows
+    ce = F.cross_entropy(s[:, :-1].reshape(-1, 12), ids[:, 1:].reshape(-1)).item()
+    kd = divergence(s[..., :10], t).item()
+    terms = combined(s, t, ids, alpha_ce=0.3)
+    assert terms["kd"].item() == pytest.approx(kd, rel=1e-5)
+    assert terms["ce"].item() == pytest.approx(ce, rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(0.7 * kd + 0.3 * ce, rel=1e-5)
+    assert combined(s, t, ids, alpha_ce=1.0)["loss"].item() == pytest.approx(ce, rel=1e-5)
+
+
+def test_hidden_mse_matches_layers_and_is_relative():
+    assert layer_map(4, 8) == [(1, 2), (2, 4), (3, 6), (4, 8)]
+    assert layer_map(3, 3) == [(1, 1), (2, 2), (3, 3)]
+    h = tuple(torch.randn(1, 4, 8) for _ in range(4))
+    assert hidden_mse(h, h).item() == 0.0
+    doubled = tuple(2 * x for x in h)
+    assert hidden_mse(h, doubled).item() == pytest.approx(0.25, rel=1e-5)   # ||x - 2x||^2 / ||2x||^2
+
+
+def test_learning_rate_schedule():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(99, 100, 10, 1.0) < 0.001
+
+
+# ----------------------------------------------------------------------------- tiny teacher -> tiny student
+
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory, tiny_tokenizer):
+    """A tiny llama trained for a few seconds on the builtin text, so it has something to teach."""
+    from llmopt.data import text_windows
+
+    torch.manual_seed(0)
+    model = build_tiny("llama", tiny_tokenizer).train()
+    windows, _ = text_windows(tiny_tokenizer, "builtin", "calib", 64, nsamples=480, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for batch in windows.view(-1, 8, 64):
+        model(batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    path = tmp_path_factory.mktemp("teacher")
+    model.eval().save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def pair(tmp_path, tiny_tokenizer, trained_teacher):
+    """The trained teacher and a narrower, untrained student with the same tokenizer."""
+    student = build_tiny("llama", tiny_tokenizer, intermediate_size=64)
+    student.save_pretrained(tmp_path / "student")
+    tiny_tokenizer.save_pretrained(tmp_path / "student")
+    return trained_teacher, tmp_path / "student"
+
+
+def _opts(teacher, student, out, **kw) -> DistillOptions:
+    base = dict(data="builtin", steps=12, seq_len=64, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=4,
+                eval_windows=4, device="cpu")
+    base.update(kw)
+    return DistillOptions(teacher=str(teacher), student=str(student), output=str(out), **base)
+
+
+def _heldout_kl(teacher_dir, student_dir, tokenizer) -> float:
+    from transformers import AutoModelForCausalLM
+
+    from llmopt.data import text_windows
+
+    windows, _ = text_windows(tokenizer, "builtin", "eval", 64, max_windows=4)
+    t = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    s = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    with torch.no_grad():
+        return divergence(s(windows).logits, t(windows).logits).item()
+
+
+def test_distilling_lowers_kl_to_the_teacher(pair, tmp_path, tiny_tokenizer):
+    teacher, student = pair
+    out = tmp_path / "kd"
+    summary = distill(_opts(teacher, student, out, steps=30, eval_every=10))
+    before = _heldout_kl(teacher, student, tiny_tokenizer)
+    after = _heldout_kl(teacher, out, tiny_tokenizer)
+    assert after < 0.8 * before, (before, after)
+    assert summary["steps_done"] == 30 and summary["stopped"] == "completed"
+    assert [row["step"] for row in summary["curve"]] == [0, 10, 20, 30]
+    assert summary["student_heldout_ppl_best"] < summary["student_heldout_ppl_before"]
+    record = json.loads((out / "llmopt.json").read_text())
+    assert record["command"] == "distill" and record["teacher"] == str(teacher)
+    assert record["metrics"]["best_step"] == summary["best_step"] > 0
+
+
+@pytest.mark.parametrize("loss,extra", [("rkl", {}), ("jsd", {"beta": 0.3}),
+                                        ("fkl", {"alpha_ce": 0.5, "hidden_mse": 1.0, "temperature": 2.0,
+                                                 "grad_accum": 2, "gradient_checkpointing": True})])
+def test_other_losses_and_options_train(pair, tmp_path, loss, extra):
+    teacher, student = pair
+    summary = distill(_opts(teacher, student, tmp_path / "kd", steps=8, loss=loss, **extra))
+    assert summary["student_heldout_ppl_best"] < summary["student_heldout_ppl_before"]
+    assert summary["tokens_trained"] == 8 * 4 * 64 * extra.get("grad_accum", 1)
+
+
+def test_time_budget_stops_early(pair, tmp_path):
+    teacher, student = pair
+    summary = distill(_opts(teacher, student, tmp_path / "kd", steps=10_000, max_minutes=0.002))
+    assert summary["stopped"] == "time budget" and summary["steps_done"] < 10_000
+    assert summary["curve"][-1]["step"] == summary["steps_done"]   # the last step was evaluated
+    assert (tmp_path / "kd" / "config.json").is_file()
+
+
+class _CtrlC(Progress):
+    """Presses Ctrl-C during the training step `at`."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.steps, self.notes = at, 0, []
+
+    def start(self, description, total=None):
+        self.training = description == "Distilling"
+
+    def advance(self, steps=1, **info):
+        if getattr(self, "training", False):
+            self.steps += steps
+            if self.steps == self.at:
+                raise KeyboardInterrupt
+
+    def note(self, message):
+        self.notes.append(message)
+
+
+def test_interrupt_saves_complete_best_so_far(pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    teacher, student = pair
+    out = tmp_path / "kd"
+    progress = _CtrlC(at=7)
+    summary = distill(_opts(teacher, student, out, steps=100, eval_every=3), progress)
+    assert summary["stopped"] == "interrupted"
+    assert summary["best_step"] in (0, 3, 6) and [r["step"] for r in summary["curve"]] == [0, 3, 6]
+    assert any("interrupted" in n and "best checkpoint so far" in n for n in progress.notes)
+    model = AutoModelForCausalLM.from_pretrained(out)       # a complete standard checkpoint
+    assert model.config.intermediate_size == 64
+    assert json.loads((out / "llmopt.json").read_text())["metrics"]["stopped"] == "interrupted"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no temporary left
+
+
+def test_cli_interrupt_exits_130_and_says_what_was_saved(pair, tmp_path, cli, monkeypatch):
+    import llmopt.cli.distill as cli_distill
+
+    monkeypatch.setattr(cli_distill, "RichProgress", lambda show: _CtrlC(at=2))
+    teacher, student = pair
+    out = tmp_path / "kd"
+    code, _, err = cli("distill", "--teacher", teacher, "--student", student, "-o", out, "--data", "builtin",
+                       "--steps", "50", "--seq-len", "64", "--batch-size", "2", "--eval-every", "1",
+                       "--eval-windows", "2", "--device", "cpu")
+    assert code == 130, err
+    assert "best checkpoint so far" in err and (out / "model.safetensors").is_file()
+
+
+def test_cli_json(pair, tmp_path, cli):
+    teacher, student = pair
+    out = tmp_path / "kd"
+    code, stdout, err = cli("distill", "--teacher", teacher, "--student", student, "-o", out, "--data", "builtin",
+                            "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--eval-windows", "2",
+                            "--loss", "jsd", "--device", "cpu", "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["steps_done"] == 3 and summary["output"] == str(out)
+    assert summary["data"].startswith("builtin:")
+    code, _, err = cli("distill", "--teacher", teacher, "--student", student, "-o", out, "--data", "builtin",
+                       "--steps", "1", "--seq-len", "32", "--batch-size", "2", "--eval-windows", "2")
+    assert code == 2 and "already exists" in err
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _bad(cli, *args, match: str):
+    code, out, err = cli("distill", *args)
+    assert code == 2, (code, err)
+    assert match.lower() in err.lower(), err
+    return err
+
+
+def test_tokenizer_mismatch_is_refused_before_loading(pair, tmp_path, cli):
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    teacher, student = pair
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(list(topics.values())[:50], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(student)
+    err = _bad(cli, "--teacher", teacher, "--student", student, "-o", tmp_path / "o", "--data", "builtin",
+               match="tokenizers differ")
+    assert not (tmp_path / "o").exists()
+    assert "error" in err
+
+
+def test_bad_values_fail_fast(pair, tmp_path, cli):
+    teacher, student = pair
+    common = ("--teacher", teacher, "--student", student, "-o", tmp_path / "o")
+    _bad(cli, *common, "--steps", "0", match="--steps must be positive")
+    _bad(cli, *common, "--steps", "-3", match="--steps must be positive")
+    _bad(cli, *common, "--loss", "mse", match="unknown --loss")
+    _bad(cli, *common, "--loss", "jsd", "--beta", "1", match="--beta")
+    _bad(cli, *common, "--temperature", "0", match="--temperature")
+    _bad(cli, *common, "--alpha-ce", "1.5", match="--alpha-ce")
+    _bad(cli, *common, "--data", tmp_path / "missing.txt", match="neither a file")
+    _bad(cli, *common, "--data", "wikitext2", "--data-dir", tmp_path, match="holds none of")
+    assert not (tmp_path / "o").exists()
+
+
+def test_too_little_text(pair, tmp_path, cli):
+    teacher, student = pair
+    small = tmp_path / "small.txt"
+    small.write_text("Only a few words of text here.")
+    _bad(cli, "--teacher", teacher, "--student", student, "-o", tmp_path / "o", "--data", small,
+         match="not enough")
+
+
+def test_quantized_student_is_refused(pair, tmp_path, cli):
+    teacher, student = pair
+    cfg = json.loads((student / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (student / "config.json").write_text(json.dumps(cfg))
+    _bad(cli, "--teacher", teacher, "--student", student, "-o", tmp_path / "o", "--data", "builtin",
+         match="is quantized (gptq)")
+
+
+def test_hidden_mse_needs_equal_widths(tmp_path, tiny_tokenizer, cli):
+    dirs = []
+    for name, hidden in (("t", 64), ("s", 32)):
+        build_tiny("llama", tiny_tokenizer, hidden_size=hidden, head_dim=8).save_pretrained(tmp_path / name)
+        tiny_tokenizer.save_pretrained(tmp_path / name)
+        dirs.append(tmp_path / name)
+    _bad(cli, "--teacher", dirs[0], "--student", dirs[1], "-o", tmp_path / "o", "--data", "builtin",
+         "--hidden-mse", "1", match="equal hidden sizes")
+
+
+def test_options_validate_without_loading():
+    with pytest.raises(UserError, match="--eval-windows"):
+        DistillOptions(teacher="a", student="b", output="o", eval_windows=0).validate()
+    with pytest.raises(UserError, match="--max-minutes"):
+        DistillOptions(teacher="a", student="b", output="o", max_minutes=0).validate()
+
+
+def test_module_entry_point_parses_for_accelerate_launch():
+    """`accelerate launch -m llmopt distill ...` runs `python -m llmopt distill ...` in each process."""
+    done = subprocess.run([sys.executable, "-m", "llmopt", "distill", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--grad-accum" in done.stdout and "--max-minutes" in done.stdout
+
+
+# ----------------------------------------------------------------------------- the real model
+
+@pytest.mark.slow
+def test_smollm2_distills_into_itself_from_zero_kl(tmp_path, smollm2, wikitext_dir):
+    """The real tokenizer passes the check, and a student equal to its teacher starts at KL 0."""
+    summary = distill(DistillOptions(teacher="smollm2-135m", student=str(smollm2.path), output=str(tmp_path / "o"),
+                                     data="wikitext2", data_dir=str(wikitext_dir), steps=1, seq_len=64,
+                                     batch_size=1, eval_windows=2, lr=1e-6, device="cpu"))
+    assert summary["student_heldout_ppl_before"] == pytest.approx(summary["teacher_heldout_ppl"], rel=1e-4)
+    assert summary["curve"][1]["train_loss"] == pytest.approx(0.0, abs=1e-4)
