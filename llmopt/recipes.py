@@ -555,7 +555,7 @@ def _decide(recipe: Recipe) -> None:
                 step.status, step.reason = "run", f"input rebuilt ({', '.join(stale)})"
                 step.overwrite = True
             else:
-                step.status, step.reason = "skip", "done, same parameters"
+                step.status, step.reason = "skip", "done"
         if step.status == "run":
             running.add(step.name)
 

@@ -240,7 +240,7 @@ def test_resume_skips_finished_steps_and_reruns_changed_ones(tmp_path, base, fak
     shutil.rmtree(tmp_path / "out" / "copy-2")
     plan = recipes.load(r)
     assert [(s.status, s.reason) for s in plan.steps] == [
-        ("skip", "done, same parameters"), ("run", "new"), ("run", "input rebuilt (copy-2)")]
+        ("skip", "done"), ("run", "new"), ("run", "input rebuilt (copy-2)")]
     code, out, err = cli("run", r)
     assert code == 0, err
     assert [c.output for c in fake_steps] == [str(tmp_path / "out" / n) for n in ("copy-2", "copy-3")]
@@ -305,12 +305,13 @@ def test_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, cli):
     r = write(tmp_path, f"""
 model: {model}
 out: {tmp_path}/out
+device: cpu
 steps:
-  - prune: {{ratio: 0.2, calib: {text}, nsamples: 4, seq_len: 32, device: cpu}}
-  - distill: {{data: {text}, steps: 2, seq_len: 32, device: cpu}}
-  - quantize: {{group_size: 32, calib: {text}, nsamples: 4, seq_len: 32, device: cpu}}
+  - prune: {{ratio: 0.2, calib: {text}, nsamples: 4, seq_len: 32}}
+  - distill: {{data: {text}, steps: 2, seq_len: 32, eval_windows: 2}}
+  - quantize: {{group_size: 32, calib: {text}, nsamples: 4, seq_len: 32}}
   - bench: {{ppl_data: {text}, seq_len: 32, ppl_windows: 2, prompt_len: 8, gen_len: 4, repeats: 1,
-             device: cpu}}
+             memory: false}}
 """)
     code, out, err = cli("run", r, "--json")
     assert code == 0, err
@@ -320,9 +321,15 @@ steps:
     for name in ("prune", "distill", "quantize"):
         assert (tmp_path / "out" / name / "llmopt.json").is_file()
     assert result["report"]
-    # Everything is done: a second run skips every step and still shows the report.
-    code, out2, err = cli("run", r, "--json")
+    # Everything is done: a second run skips every step and still shows the stage table.
+    code, out2, err = cli("run", r)
     assert code == 0, err
-    again = json.loads(out2)
-    assert [s["status"] for s in again["steps"]] == ["skip"] * 4
-    assert again["report"] == result["report"]
+    assert err.count("skip step") == 4 and "stages vs base" in err
+    for label in ("base", "pruned", "distilled", "quantized"):
+        assert label in err
+    report = json.loads((tmp_path / "out" / "bench" / "report.json").read_text())
+    assert report == result["report"]
+    rows = {row["stage"]: row for row in result["stages"]}
+    assert rows["pruned"]["metrics"]["parameters"] < rows["base"]["metrics"]["parameters"]
+    assert rows["quantized"]["metrics"]["weight_bytes"] < rows["distilled"]["metrics"]["weight_bytes"]
+    assert rows["quantized"]["deltas"]["perplexity"]["x"] > 0

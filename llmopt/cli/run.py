@@ -7,10 +7,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from llmopt import recipes
 from llmopt.cli.common import Json, RichProgress, app, err_console, print_json
+
+
+def _wide() -> Console:
+    """A log file is no terminal: let tables take the width they need instead of rich's 80 columns."""
+    return err_console if err_console.is_terminal else Console(stderr=True, width=240)
 
 
 @app.command("run")
@@ -38,11 +44,11 @@ def run_recipe(
         if json:
             print_json(plan.plan_dict())
         else:
-            err_console.print(plan_table(plan))
+            _wide().print(plan_table(plan))
             err_console.print("[dim]dry run: everything validated, nothing ran[/dim]", highlight=False)
         return
     if not json:
-        err_console.print(plan_table(plan))
+        _wide().print(plan_table(plan))
     total = len(plan.steps)
 
     def announce(step: recipes.Step) -> None:
@@ -95,7 +101,7 @@ def render_stages(result: dict) -> None:
 
         labels = {stage["model"]: stage["stage"] for stage in result["stages"]}
         relabeled = dict(report, models=[dict(r, name=labels.get(r["name"], r["name"])) for r in report["models"]])
-        err_console.print(render_table(relabeled, title=f"{title}: stages vs base"))
+        _wide().print(render_table(relabeled, title=f"{title}: stages vs base"))
         return
     table = Table(title=f"{title}: stages (add a bench step to measure them)", title_justify="left")
     for col in ("stage", "model", "step", "status"):
@@ -103,4 +109,4 @@ def render_stages(result: dict) -> None:
     status = {s["name"]: s["status"] for s in result["steps"]}
     for stage in result["stages"]:
         table.add_row(stage["stage"], stage["model"], stage["step"] or "-", status.get(stage["step"], "-"))
-    err_console.print(table)
+    _wide().print(table)
