@@ -1,0 +1,236 @@
+"""The runtime Linear for GPTQ-layout weights, on PyTorch's native weight-only kernels.
+
+Which path a layer takes is decided once, when it is built:
+
+- 4 bits on CPU: `aten._weight_int4pack_mm_for_cpu`; on CUDA: `aten._weight_int4pack_mm` (tinygemm).
+  Both compute W = (q - 8) * scale + zero_f per group, so GPTQ's integer zero z becomes the float
+  zero point zero_f = (8 - z) * scale at load time. The kernels want groups of 32/64/128/256
+  columns: per-channel scales are repeated over groups of 128, groups larger than 256 over
+  groups of 256. The input dimension is padded to whole kernel groups (and tiles on CUDA),
+  the output dimension to whole kernel blocks (64 on CPU, 8 on CUDA); padding is zero.
+  Checkpoints whose `g_idx` is not in group order (act-order without static groups, written by
+  other tools) get their weight columns sorted once and each input gathered in the same order.
+- 8 bits, one group per output channel: `aten._weight_int8pack_mm` (CPU) with codes q - 128 and
+  a per-channel correction term when a zero point is not 128 (asymmetric).
+- anything else (2/3 bits, 8 bits with groups, group sizes the kernels lack): the packed codes
+  are kept as stored and dequantized on every call.
+
+The CPU kernels are only fast with bfloat16 activations, so inputs are cast to bfloat16 and the
+result back. `forward_dequant` instead dequantizes the weight from the packed kernel buffer (nothing
+cached, so memory stays at the packed size) and multiplies in the input's dtype. Measured on a
+2-core CPU (benchmarks/gptq_kernels.py), the int4 kernel with bf16 activations beat fp32 F.linear
+on SmolLM2's layers at every row count tried (1 to 2048 rows), and dequantize + matmul never beat
+it, so `forward` uses the kernel throughout; `DEQUANT_MIN_ROWS` switches large inputs to the
+dequantize path should another machine measure otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmopt.quantize import packing
+
+# rows (tokens) from which to dequantize + matmul instead of calling the kernels on CPU; None: never
+# (benchmarks/gptq_kernels.py measures the crossover; on our machine there was none)
+DEQUANT_MIN_ROWS: int | None = None
+_KERNEL_GROUPS = (32, 64, 128, 256)
+_CPU_BLOCK_N = 64
+
+
+def _op(name: str):
+    return getattr(torch.ops.aten, name, None)
+
+
+def _ceil_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _group_order(g_idx: torch.Tensor, group_size: int, k: int) -> tuple[torch.Tensor | None, int | None]:
+    """(column permutation or None, kernel group size or None when the kernels cannot be used)."""
+    g_idx = g_idx.long()
+    perm = None
+    if (g_idx[1:] < g_idx[:-1]).any():
+        perm = torch.argsort(g_idx, stable=True)
+        g_idx = g_idx[perm]
+    if group_size <= 0 or int(g_idx.max()) == 0:
+        return perm, (128 if int(g_idx.max()) == 0 else None)
+    if not torch.equal(g_idx, torch.arange(k) // group_size):
+        return perm, None
+    if group_size in _KERNEL_GROUPS:
+        return perm, group_size
+    if group_size > 256 and group_size % 256 == 0:
+        return perm, 256
+    return perm, None
+
+
+class QuantLinear(torch.nn.Module):
+    """y = x W^T + b with W stored as GPTQ codes; see the module docstring for the paths."""
+
+    def __init__(self, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                 bias: torch.Tensor | None, bits: int, group_size: int, device: torch.device | str = "cpu",
+                 use_kernels: bool = True) -> None:
+        """q [N, K] codes, zeros [G, N] true integer zeros, scales [G, N], g_idx [K]."""
+        super().__init__()
+        device = torch.device(device)
+        self.out_features, self.in_features = q.shape
+        self.bits, self.group_size = bits, group_size
+        self.device_type = device.type
+        self.register_buffer("bias", None if bias is None else bias.detach().to(device))
+        self.perm: torch.Tensor | None = None
+        self.mode = "dequant"
+        if use_kernels:
+            if bits == 4:
+                self._init_int4(q, zeros, scales, g_idx, device)
+            elif bits == 8 and int(g_idx.max()) == 0 and device.type == "cpu" and _op("_weight_int8pack_mm"):
+                self._init_int8(q, zeros, scales, device)
+        if self.mode == "dequant":
+            self._init_dequant(q, zeros, scales, g_idx, device)
+
+    # ----------------------------------------------------------------------------------- building
+
+    def _init_int4(self, q, zeros, scales, g_idx, device) -> None:
+        cuda = device.type == "cuda"
+        if not _op("_weight_int4pack_mm" if cuda else "_weight_int4pack_mm_for_cpu"):
+            return
+        perm, kg = _group_order(g_idx, self.group_size, self.in_features)
+        if kg is None:
+            return
+        n, k = q.shape
+        g = g_idx.long()
+        if perm is not None:
+            q, g = q[:, perm], g[perm]
+        kp = _ceil_to(k, max(kg, 128) if cuda else kg)
+        np_ = _ceil_to(n, 8 if cuda else _CPU_BLOCK_N)
+        codes = torch.full((np_, kp), 8, dtype=torch.int32)
+        codes[:n, :k] = q.to(torch.int32)
+        # per kernel group: the original group of its first column
+        first = torch.arange(0, kp, kg).clamp(max=k - 1)
+        s = scales.float()[g[first]]                      # [Kp/kg, N]
+        z = zeros.float()[g[first]]
+        sz = torch.zeros(kp // kg, np_, 2)
+        sz[..., 0] = 1.0
+        sz[:, :n, 0] = s
+        sz[:, :n, 1] = (8 - z) * s
+        if cuda:
+            packed_u8 = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).to(device)
+            w = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+        else:
+            w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self.register_buffer("w_int4", w.to(device))
+        self.register_buffer("scales_zeros", sz.to(torch.bfloat16).contiguous().to(device))
+        self.kernel_group, self.k_pad, self.n_pad = kg, kp, np_
+        self.perm = perm.to(device) if perm is not None else None
+        self.mode = "int4"
+        # prefill dequantizes from the kernel's own CPU buffer; check that we read its layout right
+        self.cheap_dequant = not cuda and torch.equal(self._int4_codes_t().t().to(torch.int32), codes.to(device))
+
+    def _init_int8(self, q, zeros, scales, device) -> None:
+        s = scales.float()[0]                             # [N]
+        z = zeros[0].long()
+        self.register_buffer("w_int8", (q.long() - 128).to(torch.int8).contiguous().to(device))
+        self.register_buffer("scales_bf16", s.to(torch.bfloat16).to(device))
+        shift = (z - 128).float() * s.to(torch.bfloat16).float()
+        self.register_buffer("zero_shift", shift.to(device) if bool((z != 128).any()) else None)
+        self.mode = "int8"
+
+    def _init_dequant(self, q, zeros, scales, g_idx, device) -> None:
+        k = self.in_features
+        kp = _ceil_to(k, 32)   # whole words for every width
+        codes = torch.zeros(kp, self.out_features, dtype=torch.int32)
+        codes[:k] = q.t()
+        self.register_buffer("qweight", packing.pack_rows(codes, self.bits).to(device))
+        self.register_buffer("zeros", zeros.to(torch.int16).to(device))
+        self.register_buffer("scales", scales.to(torch.float16).to(device))
+        self.register_buffer("g_idx", g_idx.to(torch.int32).to(device))
+
+    # ----------------------------------------------------------------------------------- reading
+
+    def _int4_codes_t(self) -> torch.Tensor:
+        """Codes [Kp, Np] (transposed) read back from the CPU kernel's buffer: blocks of 64 output
+        rows; byte j of each input row holds row j in its low nibble and row 32 + j in its high one."""
+        b = self.w_int4.view(self.n_pad // _CPU_BLOCK_N, self.k_pad, _CPU_BLOCK_N // 2)
+        codes = torch.cat([b & 15, b >> 4], dim=-1)       # [Nb, Kp, 64]
+        return codes.transpose(0, 1).reshape(self.k_pad, self.n_pad)
+
+    def dequantized_weight_t(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W^T [K, N] in `dtype`, in the column order the forward uses (after `perm`)."""
+        if self.mode == "int4":
+            if self.cheap_dequant:
+                codes = self._int4_codes_t()
+            else:   # read the layout back through the kernel itself (identity input)
+                eye = torch.eye(self.k_pad, dtype=torch.bfloat16, device=self.w_int4.device)
+                ones = self.scales_zeros.clone()
+                ones[..., 0], ones[..., 1] = 1.0, 8.0
+                codes = self._kernel_int4(eye, ones).round()
+            sz = self.scales_zeros.float()                # [Kp/kg, Np, 2]
+            scale, offset = sz[..., 0], sz[..., 1] - 8 * sz[..., 0]
+            q = codes.to(dtype).view(-1, self.kernel_group, self.n_pad)
+            w = torch.addcmul(offset.to(dtype).unsqueeze(1), q, scale.to(dtype).unsqueeze(1))
+            return w.view(self.k_pad, self.n_pad)[: self.in_features, : self.out_features]
+        if self.mode == "int8":
+            w = self.w_int8.to(dtype) * self.scales_bf16.to(dtype).unsqueeze(1)
+            if self.zero_shift is not None:
+                w = w - self.zero_shift.to(dtype).unsqueeze(1)
+            return w.t()
+        codes = packing.unpack_rows(self.qweight, self.bits, self.in_features).t()
+        return packing.dequantize(codes, self.zeros, self.scales, self.g_idx.long(), dtype).t()
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W [N, K] (a transposed view)."""
+        return self.dequantized_weight_t(dtype).t()
+
+    # ----------------------------------------------------------------------------------- forward
+
+    def _kernel_int4(self, x2: torch.Tensor, sz: torch.Tensor | None = None) -> torch.Tensor:
+        sz = self.scales_zeros if sz is None else sz
+        if self.device_type == "cuda":
+            return torch.ops.aten._weight_int4pack_mm(x2, self.w_int4, self.kernel_group, sz)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.w_int4, self.kernel_group, sz)
+
+    def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight-only kernel path, whatever the number of rows."""
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        if self.mode == "int4":
+            xb = x2.to(torch.bfloat16)
+            if self.k_pad != self.in_features:
+                xb = F.pad(xb, (0, self.k_pad - self.in_features))
+            y = self._kernel_int4(xb.contiguous())[:, : self.out_features]
+        elif self.mode == "int8":
+            xb = x2.to(torch.bfloat16).contiguous()
+            y = torch.ops.aten._weight_int8pack_mm(xb, self.w_int8, self.scales_bf16)
+            if self.zero_shift is not None:
+                y = y - xb.float().sum(-1, keepdim=True) * self.zero_shift
+        else:
+            return self.forward_dequant(x)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def forward_dequant(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize the weight (not cached) and multiply in the input's dtype."""
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        y = torch.matmul(x, self.dequantized_weight_t(x.dtype))
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        big = DEQUANT_MIN_ROWS is not None and rows >= DEQUANT_MIN_ROWS and self.device_type == "cpu"
+        if self.mode == "dequant" or big:
+            return self.forward_dequant(x)
+        return self.forward_kernel(x)
+
+    # ----------------------------------------------------------------------------------- facts
+
+    def n_logical_params(self) -> int:
+        """Parameters this layer stands for (the packed buffers hide them from a plain count)."""
+        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, mode={self.mode}")

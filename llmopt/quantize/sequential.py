@@ -1,0 +1,235 @@
+"""Layer-by-layer quantization of a decoder stack, shared by GPTQ and round-to-nearest.
+
+The calibration windows are run through the embeddings once and the inputs of the first decoder
+layer kept (with the keyword arguments every layer receives: attention masks, rotary position
+embeddings). Then, one layer at a time on the compute device (the rest of the model stays where
+it was loaded, normally CPU memory):
+
+1. its Linears are split into *stages* of modules that read the same input, in execution order
+   (LLaMA: q/k/v, o, gate/up, down); without true-sequential mode there is one stage;
+2. for each stage, the layer runs on the calibration inputs until every module of the stage has
+   seen its input (the rest of the forward is cut short), accumulating H = 2XX^T once per
+   distinct input; the stage's modules are quantized and their weights replaced by the
+   dequantized result, so later stages see quantized predecessors;
+3. the layer runs once more with all weights quantized and its outputs become the next layer's
+   inputs.
+
+Round-to-nearest needs no calibration and skips the forward passes entirely.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from llmopt.progress import SILENT, Progress
+from llmopt.quantize.gptq import HessianAccumulator, LayerResult
+
+# solve(full_name, linear, H or None) -> LayerResult
+Solver = Callable[[str, torch.nn.Linear, "torch.Tensor | None"], LayerResult]
+
+
+class _Stop(Exception):
+    """Cuts a forward short once the needed inputs are captured."""
+
+
+@dataclass
+class Quantized:
+    name: str
+    layer: int
+    result: LayerResult
+    seconds: float
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The decoder stack: the ModuleList holding num_hidden_layers blocks."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(cfg, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 and (n is None or len(module) == n):
+            return name, module
+    raise ValueError("could not find the decoder layers of this model")
+
+
+def skipped(name: str, patterns: list[str]) -> bool:
+    """A module name matches a --skip pattern (glob, or a plain substring)."""
+    return any(fnmatch.fnmatch(name, p) or p in name for p in patterns)
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.inference_mode()
+def capture_inputs(model: torch.nn.Module, windows: torch.Tensor, device: torch.device
+                   ) -> tuple[torch.Tensor, list[dict]]:
+    """First-layer inputs [n, L, hidden] on `device` and the keyword arguments of every layer."""
+    _, layers = decoder_layers(model)
+    inputs: list[torch.Tensor] = []
+    kwargs: list[dict | None] = [None] * len(layers)
+    originals = [(layer.forward, "forward" in layer.__dict__) for layer in layers]
+
+    def recorder(i: int):
+        def forward(hidden_states, *args, **kw):
+            if i == 0:
+                inputs.append(hidden_states.detach().to(device))
+            if kwargs[i] is None:
+                kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
+                kwargs[i] = _to(kw, device)
+            if i == len(layers) - 1:
+                raise _Stop
+            return hidden_states
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        emb_device = model.get_input_embeddings().weight.device
+        for w in windows:
+            try:
+                model(w.unsqueeze(0).to(emb_device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for layer, (fwd, own) in zip(layers, originals):
+            if own:
+                layer.forward = fwd
+            else:
+                del layer.forward   # back to the class method
+    return torch.cat(inputs), [k or {} for k in kwargs]
+
+
+def _linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@torch.inference_mode()
+def _stages(layer: torch.nn.Module, names: list[str], x: torch.Tensor, kw: dict) -> list[list[str]]:
+    """Modules grouped by shared input, in the order the forward calls them (one sample)."""
+    linears = _linears(layer)
+    calls: list[tuple[str, int]] = []
+    hooks = [linears[n].register_forward_pre_hook(
+        lambda mod, args, n=n: calls.append((n, args[0].data_ptr())) if n not in dict(calls) else None)
+        for n in names]
+    try:
+        layer(x, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    stages: list[list[str]] = []
+    last_ptr = None
+    for n, ptr in calls:
+        if stages and ptr == last_ptr:
+            stages[-1].append(n)
+        else:
+            stages.append([n])
+        last_ptr = ptr
+    missing = [n for n in names if n not in dict(calls)]
+    return stages + ([missing] if missing else [])
+
+
+@torch.inference_mode()
+def _collect(layer: torch.nn.Module, stage: list[str], inputs: torch.Tensor, kw: dict, cut_short: bool
+             ) -> dict[str, torch.Tensor]:
+    """H for each module of the stage (modules fed the same tensor share one accumulator)."""
+    linears = _linears(layer)
+    accs: dict[str, HessianAccumulator] = {}
+    owner: dict[str, str] = {}     # module -> module whose accumulator it shares (decided on sample 0)
+    state: dict[str, Any] = {"last": None, "done": set()}
+
+    def hook(name: str):
+        def pre(mod, args):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            last = state["last"]
+            if name not in owner:   # consecutive calls on the same tensor share one H (q/k/v, gate/up)
+                owner[name] = last[1] if last is not None and last[0] == key else name
+            if owner[name] == name:
+                if name not in accs:
+                    accs[name] = HessianAccumulator(x.shape[-1], x.device)
+                accs[name].add(x)
+            state["last"] = (key, owner[name])
+            state["done"].add(name)
+            if cut_short and len(state["done"]) == len(stage):
+                raise _Stop
+        return pre
+
+    hooks = [linears[n].register_forward_pre_hook(hook(n)) for n in stage]
+    try:
+        for x in inputs:
+            state["last"], state["done"] = None, set()
+            try:
+                layer(x.unsqueeze(0), **kw)
+            except _Stop:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: accs[owner[n]].h for n in stage if n in owner}
+
+
+@torch.inference_mode()
+def quantize_layers(model: torch.nn.Module, solve: Solver, *, windows: torch.Tensor | None,
+                    device: torch.device, skip: list[str], true_sequential: bool = True,
+                    progress: Progress = SILENT) -> list[Quantized]:
+    """Quantize every Linear inside the decoder layers (not matching `skip`) in place, replacing its
+    weight by the dequantized result. `windows` None: no calibration (round-to-nearest)."""
+    prefix, layers = decoder_layers(model)
+    inputs, kwargs = (None, None)
+    if windows is not None:
+        progress.start(f"Capturing inputs of {len(windows)} calibration windows", total=None)
+        inputs, kwargs = capture_inputs(model, windows, device)
+        progress.finish()
+    done: list[Quantized] = []
+    progress.start("Quantizing layers", total=len(layers))
+    for i, layer in enumerate(layers):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        linears = _linears(layer)
+        names = [n for n in linears if not skipped(f"{prefix}.{i}.{n}", skip)]
+        if inputs is None:
+            stages = [names]
+        elif true_sequential:
+            stages = _stages(layer, names, inputs[0:1], kwargs[i])
+        else:
+            stages = [names]
+        last = None
+        for stage in stages:
+            hessians = _collect(layer, stage, inputs, kwargs[i], cut_short=True) if inputs is not None else {}
+            for n in stage:
+                lin = linears[n]
+                full = f"{prefix}.{i}.{n}"
+                t0 = time.perf_counter()
+                h = hessians.get(n)
+                if inputs is not None and h is None:     # never called in the forward: nothing to fit
+                    continue
+                result = solve(full, lin, h)
+                lin.weight.data = result.dequantize(lin.weight.dtype).to(lin.weight.device)
+                last = Quantized(full, i, result, time.perf_counter() - t0)
+                done.append(last)
+            hessians.clear()
+        if inputs is not None:
+            for j in range(len(inputs)):
+                inputs[j] = _hidden(layer(inputs[j: j + 1], **kwargs[i]))[0]
+        layer.to(home)
+        info = {"module": last.name.rsplit(".", 2)[-2] + "." + last.name.rsplit(".", 1)[-1], "err": last.result.error} \
+            if last else {}
+        progress.advance(1, layer=i, **info)
+    progress.finish()
+    return done
