@@ -92,7 +92,11 @@ def quantization(model: torch.nn.Module) -> dict | None:
     q = getattr(model.config, "quantization_config", None)
     if q is None:
         return None
-    return q if isinstance(q, dict) else q.to_dict()
+    q = dict(q if isinstance(q, dict) else q.to_dict())
+    method = q.get("quant_method")
+    if method is not None:
+        q["quant_method"] = getattr(method, "value", method)   # an Enum in transformers' config objects
+    return q
 
 
 def model_info(model: torch.nn.Module, path: Path | None = None) -> dict[str, Any]:

@@ -84,10 +84,12 @@ def test_round_trip_in_a_fresh_process_without_llmopt(quantized):
 def test_outputs_are_really_quantized_and_recorded(quantized, tiny_src):
     import bitsandbytes as bnb
 
+    from llmopt.info import model_info
     from llmopt.models import load_model
 
     for method, (out, summary, _) in quantized.items():
         loaded = load_model(str(out), device="cpu")
+        assert type(model_info(loaded.model)["quantization"]["quant_method"]) is str   # not transformers' Enum
         q = loaded.model.model.layers[0].self_attn.q_proj
         expected = bnb.nn.Linear8bitLt if method == "llm-int8" else bnb.nn.Linear4bit
         assert isinstance(q, expected), (method, type(q))
