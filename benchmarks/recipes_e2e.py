@@ -4,11 +4,12 @@
     python benchmarks/recipes_e2e.py --recipe smollm2-gptq4             # the quickstart's job only
     python benchmarks/recipes_e2e.py --out /tmp/recipes --force         # rerun over an earlier run
 
-Each recipe runs through the real command line (`llmopt run RECIPE --json --set out=...`) in a child
-process; its human output (plan, progress, final table) goes to the terminal and to OUT/NAME.log,
-its JSON to OUT/NAME.json. Then this prints, per recipe, the wall time of every step (from the
-steps' llmopt.json) and the stage table (parameters, disk size, perplexity, KL vs base, decode
-tokens/s with the ratio to the base measured in the same bench run).
+Each recipe runs through the real command line (`llmopt run RECIPE --set out=...`) in a child
+process; its human output (plan, progress, final table) goes to stdout and to OUT/NAME.log. A second
+`llmopt run ... --json` then finds every step done (resume) and its JSON goes to OUT/NAME.json. Then
+this prints, per recipe, the wall time of every step (from the steps' llmopt.json) and the stage table
+(parameters, disk size, perplexity, KL vs base, decode tokens/s with the ratio to the base measured in
+the same bench run).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,32 +28,27 @@ OFFLINE = ("smollm2-gptq4", "smollm2-prune20-distill-gptq4")
 
 
 def run_recipe(name: str, out: Path, force: bool) -> tuple[dict, float]:
+    """`llmopt run` as a user types it (its table goes to the log), then once more with --json, which
+    finds every step done and only collects the results."""
     recipe = ROOT / "recipes" / f"{name}.yaml"
-    cmd = [sys.executable, "-m", "llmopt", "run", str(recipe), "--json", "--set", f"out={out / name}"]
-    if force:
-        cmd.append("--force")
-    print(f"$ {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "llmopt", "run", str(recipe.relative_to(ROOT)), "--set", f"out={out / name}"]
+    print(f"$ {' '.join(['llmopt'] + cmd[3:])}{' --force' if force else ''}", flush=True)
     started = time.time()
     log = out / f"{name}.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        stdout_chunks = []
-
-        def pump() -> None:
-            for line in proc.stderr:
-                sys.stderr.write(line)
-                err.write(line)
-                err.flush()
-
-        t = threading.Thread(target=pump, daemon=True)
-        t.start()
-        stdout_chunks.append(proc.stdout.read())
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd + (["--force"] if force else []), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        for line in proc.stderr:
+            sys.stdout.write(line)
+            f.write(line)
+            f.flush()
         proc.wait()
-        t.join()
     wall = time.time() - started
     if proc.returncode != 0:
         raise SystemExit(f"{name}: llmopt run exited with {proc.returncode}; see {log}")
-    result = json.loads("".join(stdout_chunks))
+    done = subprocess.run(cmd + ["--json"], capture_output=True, text=True, cwd=ROOT, check=True)
+    result = json.loads(done.stdout)
+    assert all(s["status"] == "skip" for s in result["steps"]), "a finished recipe must resume as all-skip"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result, wall
 

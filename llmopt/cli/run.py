@@ -33,11 +33,13 @@ def run_recipe(
                                                         "(by default finished steps are skipped).")] = False,
     json: Json = False,
 ) -> None:
-    """Run the steps of a recipe in order; each step is the command of the same name with the same options.
+    """Run the steps of a recipe (prune, distill, quantize, bench) in order; each step takes the options of
+    the command of the same name, with the same defaults.
 
-    A step whose output exists with the same recorded parameters is skipped, so an interrupted recipe
-    resumes where it stopped. At the end: one table with a row per stage (base, pruned, distilled,
-    quantized) when the recipe has a bench step.
+    The whole recipe is validated before the first step runs. A step whose output exists with the same
+    recorded parameters is skipped, so an interrupted recipe resumes where it stopped; an output with
+    other parameters stops the run before it starts (use --force). At the end: one table with a row per
+    stage (base, pruned, distilled, quantized) when the recipe has a bench step.
     """
     plan = recipes.load(recipe, set_ or [], force=force)
     if dry_run:
