@@ -362,6 +362,16 @@ def build_options(cls: type, values: dict, where: str) -> Any:
         raise UserError(f"{where}: {e}") from e
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def _field_names(cls: type) -> set[str]:
     return {f.name for f in fields(cls) if f.init}
 
@@ -526,10 +536,13 @@ def parameter_differences(step: Step) -> list[str] | None:
     if record is None or not isinstance(record.get("parameters"), dict):
         return []
     recorded = record["parameters"]
+    defaults = _defaults(type(step.options))
     diffs = []
     for key, value in planned_parameters(step).items():
         if key not in recorded:
-            diffs.append(f"{key} not recorded")
+            # An option added in a later llmopt release, left at its default, does what older ones did.
+            if key not in defaults or _jsonable(defaults[key]) != value:
+                diffs.append(f"{key} not recorded")
         elif recorded[key] != value:
             diffs.append(f"{key} {recorded[key]!r} -> {value!r}")
     return diffs or None

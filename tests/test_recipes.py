@@ -252,6 +252,18 @@ def test_resume_skips_finished_steps_and_reruns_changed_ones(tmp_path, base, fak
     assert len(fake_steps) == 3 and fake_steps[1].scale == 5.0 and all(c.force for c in fake_steps)
 
 
+def test_an_option_added_later_at_its_default_still_resumes(tmp_path, base, fake_steps):
+    r = write(tmp_path, f"model: {base}\nout: {tmp_path}/out\nsteps:\n  - copy: {{scale: 2}}\n")
+    recipes.run(recipes.load(r))
+    record_path = tmp_path / "out" / "copy" / "llmopt.json"
+    record = json.loads(record_path.read_text())
+    del record["parameters"]["tags"]          # as written by a release without --tags
+    record_path.write_text(json.dumps(record))
+    assert recipes.load(r).steps[0].status == "skip"
+    with pytest.raises(UserError, match="tags not recorded"):
+        recipes.load(r, ["copy.tags=[a]"])
+
+
 def test_a_foreign_directory_in_the_way_is_not_overwritten(tmp_path, base, fake_steps, cli):
     (tmp_path / "out" / "copy").mkdir(parents=True)
     (tmp_path / "out" / "copy" / "precious.txt").write_text("mine")
