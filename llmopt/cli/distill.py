@@ -76,6 +76,10 @@ def distill(
                           max_minutes=max_minutes, gradient_checkpointing=gradient_checkpointing, seed=seed,
                           data_dir=data_dir, device=device, dtype=dtype, force=force)
     summary = run_distill(opts, RichProgress(not json))
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:   # under accelerate launch / torchrun, one process reports
+        return
     if json:
         print_json(summary)
     else:

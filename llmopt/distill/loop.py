@@ -6,8 +6,8 @@ lockstep; a plain `llmopt distill` is the one-process case of the same code. The
 schedule is computed here (linear warmup, then cosine to zero) and written into the optimizer, so
 it means the same thing however many processes run.
 
-Stopping is agreed between processes (the time budget is read on each, a disagreement would hang
-the collectives), and Ctrl-C ends the loop with the best state seen so far, which the caller saves.
+The clock is agreed between processes (the largest elapsed time wins), so the learning rate and
+the decision to stop on --max-minutes are the same everywhere; Ctrl-C ends the loop with the best state seen so far, which the caller saves.
 """
 
 from __future__ import annotations
@@ -55,12 +55,16 @@ class Result:
     train_seconds: float = 0.0
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to zero."""
+def lr_at(step: int, total: int, warmup: int, peak: float, time_fraction: float = 0.0) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to zero.
+
+    With a time budget, `time_fraction` (the share of it used so far) advances the decay when the
+    budget would end before `total` steps, so a run cut short by --max-minutes still anneals.
+    """
     if warmup > 0 and step < warmup:
         return peak * (step + 1) / warmup
     span = max(1, total - warmup)
-    progress = min(1.0, (step - warmup) / span)
+    progress = min(1.0, max((step - warmup) / span, time_fraction))
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -76,12 +80,14 @@ def batches(chunks: torch.Tensor, batch_size: int, seed: int, rank: int = 0, wor
         epoch += 1
 
 
-def _agree(accelerator, flag: bool) -> bool:
-    """True on every process when it is true on any: stop decisions must be collective."""
+def _elapsed(accelerator, started: float) -> float:
+    """Seconds since `started`, the largest over processes: lr and stopping must agree everywhere
+    (different learning rates would let DDP replicas drift, a lone stop would hang collectives)."""
+    seconds = time.monotonic() - started
     if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64, device=accelerator.device)
+    return float(accelerator.reduce(t, reduction="max").item())
 
 
 def _snapshot(accelerator, model) -> dict | None:
@@ -118,9 +124,9 @@ def train(student, teacher, train_chunks: torch.Tensor, eval_windows: torch.Tens
             result.best_state = _snapshot(accelerator, model)
         result.curve.append({"step": step, "ppl": round(ppl, 4), "train_loss": train_loss,
                              "tokens": result.tokens, "elapsed_s": round(time.monotonic() - started, 1)})
-        if step > 0:
-            progress.note(f"step {step}/{cfg.steps}: held-out perplexity {ppl:.3f} (teacher "
-                          f"{result.teacher_ppl:.3f}){'  best so far' if best else ''}")
+        where = f"step {step}/{cfg.steps}" if step else "before training"
+        progress.note(f"{where}: held-out perplexity {ppl:.3f} (teacher {result.teacher_ppl:.3f})"
+                      + ("  best so far" if best and step else ""))
 
     data = batches(train_chunks, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
     tokens_per_step = cfg.batch_size * train_chunks.shape[1] * cfg.grad_accum * accelerator.num_processes
@@ -131,7 +137,9 @@ def train(student, teacher, train_chunks: torch.Tensor, eval_windows: torch.Tens
         progress.start("Distilling", total=cfg.steps)
         for step in range(cfg.steps):
             t0 = time.monotonic()
-            lr = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
+            budget = cfg.max_minutes * 60 if cfg.max_minutes is not None else None
+            used = _elapsed(accelerator, started) / budget if budget else 0.0
+            lr = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr, used)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_terms: dict[str, float] = {}
@@ -165,8 +173,7 @@ def train(student, teacher, train_chunks: torch.Tensor, eval_windows: torch.Tens
             progress.advance(1, **live)
 
             n = step + 1
-            out_of_time = cfg.max_minutes is not None and time.monotonic() - started >= cfg.max_minutes * 60
-            out_of_time = _agree(accelerator, out_of_time)
+            out_of_time = budget is not None and _elapsed(accelerator, started) >= budget
             if (cfg.eval_every > 0 and n % cfg.eval_every == 0) or n == cfg.steps or out_of_time:
                 evaluate(n, round(sum(losses) / len(losses), 5), SILENT)
                 losses.clear()
