@@ -123,24 +123,30 @@ def _linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 def _stages(layer: torch.nn.Module, names: list[str], x: torch.Tensor, kw: dict) -> list[list[str]]:
     """Modules grouped by shared input, in the order the forward calls them (one sample)."""
     linears = _linears(layer)
-    calls: list[tuple[str, int]] = []
-    hooks = [linears[n].register_forward_pre_hook(
-        lambda mod, args, n=n: calls.append((n, args[0].data_ptr())) if n not in dict(calls) else None)
-        for n in names]
+    calls: list[tuple[str, torch.Tensor]] = []   # holding the inputs keeps their identity unambiguous
+
+    def record(name: str):
+        def pre(mod, args):
+            if all(name != n for n, _ in calls):
+                calls.append((name, args[0]))
+        return pre
+
+    hooks = [linears[n].register_forward_pre_hook(record(n)) for n in names]
     try:
         layer(x, **kw)
     finally:
         for h in hooks:
             h.remove()
     stages: list[list[str]] = []
-    last_ptr = None
-    for n, ptr in calls:
-        if stages and ptr == last_ptr:
+    last = None
+    for n, inp in calls:
+        if stages and inp is last:
             stages[-1].append(n)
         else:
             stages.append([n])
-        last_ptr = ptr
-    missing = [n for n in names if n not in dict(calls)]
+        last = inp
+    seen = {n for n, _ in calls}
+    missing = [n for n in names if n not in seen]
     return stages + ([missing] if missing else [])
 
 
@@ -156,15 +162,14 @@ def _collect(layer: torch.nn.Module, stage: list[str], inputs: torch.Tensor, kw:
     def hook(name: str):
         def pre(mod, args):
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape))
-            last = state["last"]
+            last = state["last"]   # (input tensor, its owner); the reference keeps identity unambiguous
             if name not in owner:   # consecutive calls on the same tensor share one H (q/k/v, gate/up)
-                owner[name] = last[1] if last is not None and last[0] == key else name
+                owner[name] = last[1] if last is not None and last[0] is x else name
             if owner[name] == name:
                 if name not in accs:
                     accs[name] = HessianAccumulator(x.shape[-1], x.device)
                 accs[name].add(x)
-            state["last"] = (key, owner[name])
+            state["last"] = (x, owner[name])
             state["done"].add(name)
             if cut_short and len(state["done"]) == len(stage):
                 raise _Stop
