@@ -33,7 +33,7 @@ from llmopt.prune.structure import Candidate, Geometry, Widths, arch_for, candid
 
 MAX_RATIO = 0.9
 SPLITS = "auto, mlp or a fraction in [0, 1]"
-SELECTION_WINDOWS = 8   # calibration windows used to compare attention/MLP splits and report the loss
+SELECTION_WINDOWS = 8   # held-out calibration windows that compare attention/MLP splits and report the loss
 
 
 @dataclass
@@ -191,7 +191,10 @@ def prune(opts: PruneOptions, progress: Progress = SILENT) -> dict:
         calib = "wikitext2" if data_dir(opts.data_dir) is not None else "builtin"
     windows, calib_description = text_windows(tok, calib, "calib", opts.seq_len, nsamples=opts.nsamples,
                                               seed=opts.seed, directory=opts.data_dir)
-    selection = windows[:SELECTION_WINDOWS]
+    # Splits are compared on windows the reconstruction did not see, so a refit that overfits the
+    # calibration windows cannot win.
+    selection, _ = text_windows(tok, calib, "calib", opts.seq_len, nsamples=min(SELECTION_WINDOWS, opts.nsamples),
+                                seed=opts.seed + 7919, directory=opts.data_dir)
 
     grams = slicing.Grams() if opts.reconstruct else None
     with grams.capture(model, arch) if grams else nullcontext():
