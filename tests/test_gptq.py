@@ -338,7 +338,7 @@ def test_loads_a_checkpoint_written_by_another_tool(tiny_model_dir, tmp_path):
     (["--group-size", "0"], "--group-size"),
     (["--nsamples", "0"], "--nsamples"),
     (["--method", "int8", "--bits", "4"], "int8"),
-    (["--seq-len", "100000"], "calibration text"),
+    (["--seq-len", "1000"], "context"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(args, match, tiny_model_dir, tmp_path, cli):
     src = tiny_model_dir("llama")

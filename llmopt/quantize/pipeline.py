@@ -157,6 +157,12 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
         method = quant_method(config)
         require(method is None, f"{opts.model} is already quantized ({method})",
                 "quantize the original full-precision model")
+    if source.kind in ("dir", "alias") and opts.method == "gptq":
+        config = read_config(source.path)
+        context = (config.get("text_config") or config).get("max_position_embeddings")
+        require(context is None or opts.seq_len <= context,
+                f"--seq-len {opts.seq_len} is longer than the model's context of {context} tokens",
+                f"calibrate with --seq-len {context} or less")
     spec = _spec(opts)
     windows, calib_desc = None, None
     calib_s = 0.0
