@@ -65,8 +65,8 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, float) and value != value:  # NaN is not JSON
-        return None
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None   # NaN and infinities are not JSON
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)

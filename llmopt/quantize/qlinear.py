@@ -7,13 +7,15 @@ Which path a layer takes is decided once, when it is built:
   zero point zero_f = (8 - z) * scale at load time. The kernels want groups of 32/64/128/256
   columns: per-channel scales are repeated over groups of 128, groups larger than 256 over
   groups of 256. The input dimension is padded to whole kernel groups (and tiles on CUDA),
-  the output dimension to whole kernel blocks (64 on CPU, 8 on CUDA); padding is zero.
+  the output dimension to whole kernel blocks (64 on CPU, 8 on CUDA); padded columns meet
+  zero-padded inputs, so whatever they hold adds nothing.
   Checkpoints whose `g_idx` is not in group order (act-order without static groups, written by
   other tools) get their weight columns sorted once and each input gathered in the same order.
 - 8 bits, one group per output channel: `aten._weight_int8pack_mm` (CPU) with codes q - 128 and
   a per-channel correction term when a zero point is not 128 (asymmetric).
-- anything else (2/3 bits, 8 bits with groups, group sizes the kernels lack): the packed codes
-  are kept as stored and dequantized on every call.
+- anything else (2/3 bits, 8 bits with groups, group sizes the kernels lack): the codes stay
+  packed (repacked with the input dimension padded to a multiple of 32, true zeros as int16) and
+  are dequantized on every call.
 
 The CPU kernels are only fast with bfloat16 activations, so inputs are cast to bfloat16 and the
 result back. `forward_dequant` instead dequantizes the weight from the packed kernel buffer (nothing
