@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from llmopt.models import load_model
 from llmopt.quantize import QuantizeOptions, quantize
 from llmopt.quantize import packing
-from llmopt.quantize.gptq import HessianAccumulator, QuantSpec, gptq_quantize, rtn_quantize
+from llmopt.quantize.gptq import HessianAccumulator, QuantSpec, gptq_quantize, relative_output_error, \
+    rtn_quantize
 from llmopt.quantize.qlinear import QuantLinear
 
 # ----------------------------------------------------------------------------- an independent reader
@@ -109,6 +110,20 @@ def test_gptq_output_error_below_rtn(spec, desc_act):
     # the reported metric is the same quantity, computed from H alone
     rel = err(gptq.dequantize()) ** 2 / torch.linalg.norm(x @ w.t()).item() ** 2
     assert gptq.error == pytest.approx(rel, rel=1e-3)
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (3, False)])
+def test_range_search_lowers_rounding_error_on_heavy_tails(bits, sym):
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((64, 256))     # a few large weights per group
+    plain = rtn_quantize(w, QuantSpec(bits, 64, sym))
+    searched = rtn_quantize(w, QuantSpec(bits, 64, sym, mse=True))
+    assert searched.error < 0.9 * plain.error
+    # the searched grid is a shrunk one: never a larger step than min/max
+    assert (searched.scales <= plain.scales + 1e-7).all()
+    h = _hessian(_correlated(256))
+    assert gptq_quantize(w, h, QuantSpec(bits, 64, sym, mse=True)).error < \
+        relative_output_error(w, searched.dequantize(), h)
 
 
 def test_hessian_is_running_mean_of_2xxt():
@@ -338,6 +353,7 @@ def test_loads_a_checkpoint_written_by_another_tool(tiny_model_dir, tmp_path):
     (["--group-size", "0"], "--group-size"),
     (["--nsamples", "0"], "--nsamples"),
     (["--method", "int8", "--bits", "4"], "int8"),
+    (["--method", "int8", "--mse"], "full range"),
     (["--seq-len", "1000"], "context"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(args, match, tiny_model_dir, tmp_path, cli):

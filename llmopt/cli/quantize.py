@@ -31,6 +31,9 @@ def quantize(
                                                   help="Inside a layer, quantize q/k/v, o, gate/up, down in "
                                                        "order, each seeing quantized inputs.")] = D.true_sequential,
     damp: Annotated[float, typer.Option(help="Hessian dampening as a fraction of its mean diagonal.")] = D.damp,
+    mse: Annotated[bool, typer.Option("--mse/--no-mse", help="gptq/rtn: shrink each group's range where that "
+                                      "lowers its rounding error (clips a few outliers for a finer step).")
+                   ] = D.mse,
     block_size: Annotated[int, typer.Option(help="Columns per lazy-batch GPTQ update.")] = D.block_size,
     calib: Annotated[str, typer.Option(help="Calibration text: auto (wikitext2 when a data dir is set, else "
                                             "builtin), wikitext2, c4, builtin or a .txt/.jsonl path.")] = D.calib,
@@ -51,7 +54,7 @@ def quantize(
 ) -> None:
     """Quantize a model's Linear layers and write a checkpoint that transformers / vLLM load."""
     opts = QuantizeOptions(model=model, output=output, method=method, bits=bits, group_size=group_size, sym=sym,
-                           desc_act=desc_act, true_sequential=true_sequential, damp=damp, block_size=block_size,
+                           desc_act=desc_act, true_sequential=true_sequential, damp=damp, mse=mse, block_size=block_size,
                            calib=calib, nsamples=nsamples, seq_len=seq_len, seed=seed, skip=list(skip or []),
                            threshold=threshold, double_quant=double_quant, compute_dtype=compute_dtype,
                            data_dir=data_dir, device=device, dtype=dtype, force=force)

@@ -24,8 +24,8 @@ from llmopt.errors import MissingExtra, UserError, require
 from llmopt.progress import SILENT, Progress
 from llmopt.quantize.options import QuantizeOptions
 
-GPTQ_ONLY = ("group_size", "sym", "desc_act", "true_sequential", "damp", "block_size", "calib", "nsamples",
-             "seq_len", "seed")
+GPTQ_ONLY = ("group_size", "sym", "desc_act", "true_sequential", "damp", "mse", "block_size", "calib",
+             "nsamples", "seq_len", "seed")
 INT8_ONLY = ("threshold",)
 FOUR_BIT_ONLY = ("double_quant", "compute_dtype")
 COMPUTE_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",

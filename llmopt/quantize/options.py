@@ -22,6 +22,7 @@ class QuantizeOptions:
     desc_act: bool = False
     true_sequential: bool = True
     damp: float = 0.01
+    mse: bool = False                 # search each group's range for the lowest rounding error (gptq/rtn)
     block_size: int = 128
     calib: str = "auto"               # auto = wikitext2 when a data dir is set, else builtin
     nsamples: int = 128
