@@ -369,7 +369,7 @@ def test_short_calibration_file_and_quantized_input_are_refused(tiny_model_dir, 
     src = tiny_model_dir("llama")
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    code, _, err = cli("quantize", src, "-o", tmp_path / "o1", "--calib", short)
+    code, _, err = cli("quantize", src, "-o", tmp_path / "o1", "--calib", short, "--seq-len", "64")
     assert code == 2 and "calibration text" in err and not (tmp_path / "o1").exists()
     quantize(_opts(src, tmp_path / "q", method="rtn"))
     code, _, err = cli("quantize", tmp_path / "q", "-o", tmp_path / "o2", "--method", "rtn")

@@ -26,7 +26,7 @@ def quantize(
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (classic gptq format) or asymmetric "
                                                            "(gptq_v2 format) zero points.")] = D.sym,
     desc_act: Annotated[bool, typer.Option("--desc-act/--no-desc-act", help="Act-order: quantize columns by "
-                                           "decreasing Hessian diagonal (static groups).")] = D.desc_act,
+                                           "decreasing Hessian diagonal (static groups: no cost at inference).")] = D.desc_act,
     true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential",
                                                   help="Inside a layer, quantize q/k/v, o, gate/up, down in "
                                                        "order, each seeing quantized inputs.")] = D.true_sequential,

@@ -19,7 +19,7 @@ class QuantizeOptions:
     bits: int | None = None           # None: 4 for gptq/rtn, 8 for int8; not allowed with bitsandbytes methods
     group_size: int = 128             # -1 = one group per output channel
     sym: bool = True
-    desc_act: bool = False
+    desc_act: bool = True             # act-order with static groups: better, and free at inference
     true_sequential: bool = True
     damp: float = 0.01
     mse: bool = False                 # search each group's range for the lowest rounding error (gptq/rtn)
