@@ -31,9 +31,9 @@ def quantize(
                                                   help="Inside a layer, quantize q/k/v, o, gate/up, down in "
                                                        "order, each seeing quantized inputs.")] = D.true_sequential,
     damp: Annotated[float, typer.Option(help="Hessian dampening as a fraction of its mean diagonal.")] = D.damp,
-    mse: Annotated[bool, typer.Option("--mse/--no-mse", help="gptq/rtn: shrink each group's range where that "
-                                      "lowers its rounding error (clips a few outliers for a finer step).")
-                   ] = D.mse,
+    mse: Annotated[bool | None, typer.Option("--mse/--no-mse", help="gptq/rtn: shrink each group's range where "
+                                             "that lowers its rounding error (clips a few outliers for a finer "
+                                             "step). Default: on for gptq, off for rtn.")] = D.mse,
     block_size: Annotated[int, typer.Option(help="Columns per lazy-batch GPTQ update.")] = D.block_size,
     calib: Annotated[str, typer.Option(help="Calibration text: auto (wikitext2 when a data dir is set, else "
                                             "builtin), wikitext2, c4, builtin or a .txt/.jsonl path.")] = D.calib,

@@ -22,7 +22,7 @@ class QuantizeOptions:
     desc_act: bool = True             # act-order with static groups: better, and free at inference
     true_sequential: bool = True
     damp: float = 0.01
-    mse: bool = False                 # search each group's range for the lowest rounding error (gptq/rtn)
+    mse: bool | None = None           # range search per group; None: on for gptq, off for rtn / int8
     block_size: int = 128
     calib: str = "auto"               # auto = wikitext2 when a data dir is set, else builtin
     nsamples: int = 128

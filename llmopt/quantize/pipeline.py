@@ -44,7 +44,7 @@ def validate(opts: QuantizeOptions) -> None:
                 "--method int8 has one scale per output channel; --group-size does not apply",
                 "drop --group-size, or use --method gptq/rtn --bits 8 --group-size N")
         require(opts.sym, "--method int8 is symmetric", "use --method gptq/rtn --bits 8 --asym")
-        require(not opts.mse, "--method int8 keeps the full range", "use --method gptq/rtn --bits 8 --mse")
+        require(opts.mse is not True, "--method int8 keeps the full range", "use --method gptq/rtn --bits 8 --mse")
     require(opts.nsamples > 0, f"--nsamples must be positive, got {opts.nsamples}")
     require(opts.seq_len > 0, f"--seq-len must be positive, got {opts.seq_len}")
     require(0 <= opts.damp <= 1, f"--damp must be between 0 and 1, got {opts.damp}")
@@ -57,7 +57,8 @@ def validate(opts: QuantizeOptions) -> None:
 def _spec(opts: QuantizeOptions) -> QuantSpec:
     if opts.method == "int8":
         return QuantSpec(8, -1, True)
-    return QuantSpec(resolved_bits(opts), opts.group_size, opts.sym, opts.mse)
+    mse = opts.method == "gptq" if opts.mse is None else opts.mse
+    return QuantSpec(resolved_bits(opts), opts.group_size, opts.sym, mse)
 
 
 def _calibration(opts: QuantizeOptions, path: Path) -> tuple[torch.Tensor, str]:
