@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/llmopt generate smollm2-135m "The capital of France is" --max-new-tokens 40
+	$(VENV)/bin/llmopt run recipes/smollm2-gptq4.yaml
 
 test: install
 	$(VENV)/bin/pytest -q
