@@ -80,13 +80,13 @@ def quant_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
         shrink = 1 - torch.arange(int(CLIP_MAX_SHRINK * CLIP_GRID), device=w.device) / CLIP_GRID
         best = torch.full_like(scale, float("inf"))
         step = max(1, (1 << 22) // max(w.numel(), 1))      # shrink factors per batch: ~16 MB of work
+        rows = torch.arange(w.shape[0], device=w.device)
         for chunk in shrink.split(step):
             s, z = _grid(chunk[:, None] * xmin, chunk[:, None] * xmax, spec)      # [S, N]
             q = torch.clamp(torch.round(w / s[..., None]) + z[..., None], 0, spec.maxq)
             err = (s[..., None] * (q - z[..., None]) - w).abs_().pow_(CLIP_NORM).sum(-1)
             low, at = err.min(0)                             # first (widest) range wins ties
             better = low < best
-            rows = torch.arange(w.shape[0], device=w.device)
             best = torch.where(better, low, best)
             scale = torch.where(better, s[at, rows], scale)
             zero = torch.where(better, z[at, rows], zero)

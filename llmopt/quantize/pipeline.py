@@ -87,8 +87,7 @@ def quantization_config(opts: QuantizeOptions, spec: QuantSpec, fmt: str, skippe
         "format": fmt,
         "checkpoint_format": fmt,
         "pack_dtype": "int32",
-        "mse": spec.mse,
-        "meta": {"quantizer": [f"llmopt:{__version__}"], "method": opts.method},
+        "meta": {"quantizer": [f"llmopt:{__version__}"], "method": opts.method, "mse": spec.mse},
     }
     if skipped_modules:   # GPTQModel's per-module override: "-:" excludes matching modules
         config["dynamic"] = {f"-:^{name.replace('.', '[.]')}$": {} for name in skipped_modules}
@@ -154,14 +153,14 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     source = local_dir(opts.model, progress)
     if source.kind == "hub":
         raise UserError("llmopt quantize reads local models", hint="download the model first or pass an alias")
-    if source.kind == "dir":
+    if source.kind in ("dir", "alias"):
         config = read_config(source.path)
+    if source.kind == "dir":
         check_causal(config, opts.model)
         method = quant_method(config)
         require(method is None, f"{opts.model} is already quantized ({method})",
                 "quantize the original full-precision model")
     if source.kind in ("dir", "alias") and opts.method == "gptq":
-        config = read_config(source.path)
         context = (config.get("text_config") or config).get("max_position_embeddings")
         require(context is None or opts.seq_len <= context,
                 f"--seq-len {opts.seq_len} is longer than the model's context of {context} tokens",

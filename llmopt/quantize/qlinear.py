@@ -23,8 +23,9 @@ cached, so memory stays at the packed size) and multiplies in the input's dtype.
 2-core CPU under load (benchmarks/gptq_kernels.py), the int4 kernel with bf16 activations runs
 at 0.4x to 1.3x of fp32 F.linear on SmolLM2's decoder layers and 2.3x on its 49152-row head at
 decode (1 to 16 rows), and 0.2x to 0.6x at prefill (64 to 512 rows); dequantizing the packed
-weight on every call is slower still at every row count, so `forward` uses the kernel throughout; `DEQUANT_MIN_ROWS` switches
-large inputs to the dequantize path should another machine measure otherwise.
+weight on every call is slower still at every row count, so `forward` uses the kernel throughout;
+`DEQUANT_MIN_ROWS` switches large inputs to the dequantize path should another machine measure
+otherwise.
 """
 
 from __future__ import annotations
