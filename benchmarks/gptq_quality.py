@@ -94,7 +94,7 @@ def main() -> None:
         line = (f"{label}: ppl {ppl:.3f} (+{ppl - ppl0:.3f}), quantize {qtime:.1f}s "
                 f"(layers {summary['quantize_s']:.1f}s), mean layer error {summary['mean_error']:.5f}, "
                 f"quantized bytes {summary['quantized_bytes_vs_bf16']:.3f}x bf16, eval {time.perf_counter() - t:.0f}s")
-        if method == "gptq" and "floor_s" in results and bits == 4 and group == 128 and not desc_act:
+        if method == "gptq" and "floor_s" in results:
             line += f"; layer-by-layer time / floor = {summary['quantize_s'] / results['floor_s']:.2f}"
         print(line, flush=True)
         results[label] = {"ppl": ppl, "quantize_s": qtime, "layers_s": summary["quantize_s"],

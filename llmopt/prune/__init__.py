@@ -43,7 +43,7 @@ class PruneOptions:
     ratio: float = 0.2                 # fraction of the model's TOTAL parameters to remove
     importance: str = "taylor"         # taylor | taylor2 | l2 | random
     calib: str = "auto"                # auto = wikitext2 when a data dir is set, else builtin
-    nsamples: int = 32
+    nsamples: int = 64                 # 32 -> 64 windows: 1.87x -> 1.82x the original's perplexity
     seq_len: int = 512
     seed: int = 0
     layers: str = "all"                # which layers lose structures; a standard config needs all of them

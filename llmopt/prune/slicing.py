@@ -139,37 +139,43 @@ def _slice_linear(lin: torch.nn.Linear, rows: torch.Tensor | None = None, cols: 
     lin.out_features, lin.in_features = lin.weight.shape
 
 
+def _slice_layer(layer: torch.nn.Module, arch: Arch, geo: Geometry, widths: Widths, keep: Keep,
+                 o_weight: torch.Tensor | None = None, down_weight: torch.Tensor | None = None) -> None:
+    """Slice one decoder layer to `widths` in place; o/down take the given (refit) weights if any."""
+    d = geo.head_dim
+    q_rows = _expand(keep.q_heads, d)
+    kv_rows = _expand(keep.kv_heads, d)
+    _slice_linear(module(layer, arch.q), rows=q_rows)
+    _slice_linear(module(layer, arch.k), rows=kv_rows)
+    _slice_linear(module(layer, arch.v), rows=kv_rows)
+    _slice_linear(module(layer, arch.o), cols=q_rows, new_weight=o_weight)
+    for name in arch.mlp_in:
+        _slice_linear(module(layer, name), rows=keep.channels)
+    _slice_linear(module(layer, arch.mlp_out), cols=keep.channels, new_weight=down_weight)
+    attn = module(layer, arch.attn)
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = widths.heads // widths.kv_heads
+    for attr, value in (("num_heads", widths.heads), ("num_key_value_heads", widths.kv_heads)):
+        if isinstance(getattr(attn, attr, None), int):
+            setattr(attn, attr, value)
+    mlp = module(layer, arch.mlp_out.rsplit(".", 1)[0]) if "." in arch.mlp_out else layer
+    if isinstance(getattr(mlp, "intermediate_size", None), int):
+        mlp.intermediate_size = widths.intermediate
+
+
 def apply(model: torch.nn.Module, arch: Arch, geo: Geometry, widths: Widths, keeps: list[Keep],
           grams: Grams | None = None, progress: Progress = SILENT) -> None:
     """Slice every layer to `widths` in place (refitting o/down when `grams` is given); rewrite the config."""
     layers = decoder_layers(model)
-    d = geo.head_dim
     progress.start("Removing structures" + (" and reconstructing" if grams else ""), total=len(layers))
     with torch.no_grad():
         for i, (layer, keep) in enumerate(zip(layers, keeps)):
-            q_rows = _expand(keep.q_heads, d)
-            kv_rows = _expand(keep.kv_heads, d)
-            _slice_linear(module(layer, arch.q), rows=q_rows)
-            _slice_linear(module(layer, arch.k), rows=kv_rows)
-            _slice_linear(module(layer, arch.v), rows=kv_rows)
-            o = module(layer, arch.o)
-            _slice_linear(o, cols=q_rows, new_weight=reconstruct(o.weight.data, grams.attn[i], q_rows)
-                          if grams and grams.attn[i] is not None else None)
-            for name in arch.mlp_in:
-                _slice_linear(module(layer, name), rows=keep.channels)
-            down = module(layer, arch.mlp_out)
-            _slice_linear(down, cols=keep.channels,
-                          new_weight=reconstruct(down.weight.data, grams.mlp[i], keep.channels)
-                          if grams and grams.mlp[i] is not None else None)
-            attn = module(layer, arch.attn)
-            if hasattr(attn, "num_key_value_groups"):
-                attn.num_key_value_groups = widths.heads // widths.kv_heads
-            for attr, value in (("num_heads", widths.heads), ("num_key_value_heads", widths.kv_heads)):
-                if isinstance(getattr(attn, attr, None), int):
-                    setattr(attn, attr, value)
-            mlp = module(layer, arch.mlp_out.rsplit(".", 1)[0]) if "." in arch.mlp_out else layer
-            if isinstance(getattr(mlp, "intermediate_size", None), int):
-                mlp.intermediate_size = widths.intermediate
+            o, down = module(layer, arch.o), module(layer, arch.mlp_out)
+            o_w = reconstruct(o.weight.data, grams.attn[i], _expand(keep.q_heads, geo.head_dim)) \
+                if grams and grams.attn[i] is not None else None
+            down_w = reconstruct(down.weight.data, grams.mlp[i], keep.channels) \
+                if grams and grams.mlp[i] is not None else None
+            _slice_layer(layer, arch, geo, widths, keep, o_w, down_w)
             progress.advance(1)
     progress.finish()
     rewrite_config(model.config, geo, widths)
