@@ -35,6 +35,7 @@ VARIANTS = [  # (label, method, bits, group_size, desc_act)
     ("GPTQ w4 g128 desc-act", "gptq", 4, 128, True),
     ("RTN w4 per-channel", "rtn", 4, -1, False),
     ("GPTQ w4 per-channel", "gptq", 4, -1, False),
+    ("GPTQ w4 per-channel desc-act", "gptq", 4, -1, True),
     ("GPTQ w3 g128 desc-act", "gptq", 3, 128, True),
     ("int8 per-channel", "int8", 8, -1, False),
 ]

@@ -32,12 +32,14 @@ from llmopt.prune import PruneOptions, prune
 
 VARIANTS = {
     # name: (PruneOptions overrides, full evaluation?)
-    "taylor": ({}, True),
+    "taylor-obs": ({}, True),                      # the default
+    "taylor": ({"importance": "taylor"}, True),
+    "obs": ({"importance": "obs"}, True),
     "l2": ({"importance": "l2"}, True),
     "random": ({"importance": "random"}, True),
-    "taylor, no reconstruction": ({"reconstruct": False}, False),
-    "taylor, MLP only": ({"split": "mlp"}, False),
-    "taylor, MLP only, no reconstruction": ({"split": "mlp", "reconstruct": False}, False),
+    "taylor-obs, no reconstruction": ({"reconstruct": False}, False),
+    "taylor-obs, MLP only": ({"split": "mlp"}, False),
+    "taylor, no reconstruction": ({"importance": "taylor", "reconstruct": False}, False),
     "taylor2": ({"importance": "taylor2"}, False),
 }
 
@@ -84,7 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ratio", type=float, default=0.2)
-    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--nsamples", type=int, default=PruneOptions.nsamples)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--ablation-windows", type=int, default=8)

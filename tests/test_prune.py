@@ -159,6 +159,38 @@ def test_methods_differ_and_l2_matches_weights(tiny_tokenizer):
     assert (t2[0].mlp >= t1[0].mlp).all() and not torch.equal(t1[0].mlp, t2[0].mlp)
 
 
+def test_obs_scores_are_the_output_error_left_after_the_refit(tiny_tokenizer):
+    """The refit-aware score of a channel, a query head and a KV group is exactly how much
+    sum ||W x - W' x||^2 over the calibration tokens grows when it is removed and the rest refit."""
+    model = build_tiny("llama", tiny_tokenizer)
+    arch = arch_for(model.config)
+    geo = geometry(model.config, arch)
+    grams = slicing.Grams()
+    with grams.capture(model, arch):
+        slicing.forward_all(model, torch.cat([_ids(64, seed=k) for k in range(8)]))
+    damp = 1e-8
+    scores = imp.refit_scores(model, arch, geo, grams.attn, grams.mlp, damp)
+    layer, g_attn, g_mlp, s = decoder_layers(model)[1], grams.attn[1].double(), grams.mlp[1].double(), scores[1]
+
+    def growth(w: torch.Tensor, g: torch.Tensor, removed: torch.Tensor) -> float:
+        keep = torch.tensor([i for i in range(w.shape[1]) if i not in set(removed.tolist())])
+        new = torch.zeros_like(w)
+        new[:, keep] = slicing.reconstruct(w, g.float(), keep, damp=damp).double()
+        d = w - new
+        return float((d @ g * d).sum())
+
+    down = layer.mlp.down_proj.weight.detach().double()
+    for c in (0, 7, 100):
+        assert s.mlp[c].item() == pytest.approx(growth(down, g_mlp, torch.tensor([c])), rel=1e-3)
+    o = layer.self_attn.o_proj.weight.detach().double()
+    d = geo.head_dim
+    assert s.q[1].item() == pytest.approx(growth(o, g_attn, torch.arange(d, 2 * d)), rel=1e-3)
+    group = torch.arange(geo.q_per_group * d)            # KV group 0 and every query head reading it
+    assert s.group(geo)[0].item() == pytest.approx(growth(o, g_attn, group), rel=1e-3)
+    mixed = imp.combine(imp.weight_scores(model, arch, geo), scores, geo)
+    torch.testing.assert_close(mixed[1].mlp, imp.weight_scores(model, arch, geo)[1].mlp * s.mlp)
+
+
 # ----------------------------------------------------------------------------- planning
 
 def test_split_controls_attention_share(tmp_path, tiny_tokenizer):

@@ -23,8 +23,10 @@ def prune(
                                               "Embeddings are never pruned, so the decoder layers lose a larger "
                                               "fraction; the achieved numbers are reported.")] = D.ratio,
     importance: Annotated[str, typer.Option(help=f"Structure score: {', '.join(METHODS)}. taylor = |w * dL/dw| "
-                                                 "summed per structure; taylor2 adds the diagonal Fisher term; "
-                                                 "l2 = weight magnitude; random = baseline.")] = D.importance,
+                                                 "summed per structure; obs = the output error left after the "
+                                                 "least-squares refit; taylor-obs (default) = their product; "
+                                                 "taylor2 adds the diagonal Fisher term to taylor; l2 = weight "
+                                                 "magnitude; random = baseline.")] = D.importance,
     split: Annotated[str, typer.Option(help="How the budget is shared between attention and MLP: auto (try every "
                                             "attention shape that fits, keep the lowest calibration loss), mlp "
                                             "(MLP channels only) or a fraction in [0, 1] taken from attention "

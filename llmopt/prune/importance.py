@@ -5,6 +5,12 @@
   reduced to per-structure sums in fp32 right after its backward pass, so memory is the model, the
   gradients of the prunable Linear weights (embeddings, norms and the LM head get none) and one
   window's activations; no per-sample or per-element accumulators are kept.
+- `obs`: refit-aware, from the calibration statistics the least-squares refit uses: the increase of
+  the layer's output error when the structure is removed and the kept columns of o_proj / down_proj
+  are refit (Optimal Brain Surgeon for one linear map, as ZipLM scores structures).
+- `taylor-obs` (default): the product of the two. Taylor sees how the loss depends on a structure
+  but not that the refit can replace it; obs sees the refit but not the loss. Their product
+  removes what is both cheap for the loss and replaceable.
 - `taylor2`: adds the diagonal-Fisher second-order term 0.5 * w^2 * g^2 per step.
 - `l2`: the squared weights of the structure (no data needed).
 - `random`: seeded uniform scores, the floor any real criterion must beat.
@@ -22,8 +28,9 @@ from llmopt.models import model_device
 from llmopt.progress import SILENT, Progress
 from llmopt.prune.structure import Arch, Geometry, decoder_layers, module
 
-METHODS = ("taylor", "taylor2", "l2", "random")
-NEEDS_GRADIENTS = ("taylor", "taylor2")
+METHODS = ("taylor-obs", "taylor", "taylor2", "obs", "l2", "random")
+NEEDS_GRADIENTS = ("taylor-obs", "taylor", "taylor2")
+NEEDS_GRAMS = ("taylor-obs", "obs")     # scored from the refit's calibration statistics
 
 
 @dataclass
@@ -144,6 +151,56 @@ def weight_scores(model: torch.nn.Module, arch: Arch, geo: Geometry) -> list[Lay
         return [_layer_scores(layer, arch, geo, lambda w, g: w * w) for layer in decoder_layers(model)]
 
 
+def _block_cost(w: torch.Tensor, ginv: torch.Tensor, size: int) -> torch.Tensor:
+    """Optimal Brain Surgeon cost of zeroing each block of `size` input columns of W and refitting the
+    rest by least squares: trace(W_B [(G^-1)_BB]^-1 W_B^T), the increase of sum ||W x - W' x||^2."""
+    n = w.shape[1] // size
+    if size == 1:
+        return (w * w).sum(0) / ginv.diagonal()
+    cost = torch.empty(n, dtype=w.dtype)
+    for b in range(n):
+        s = slice(b * size, (b + 1) * size)
+        wb = w[:, s]
+        cost[b] = (wb @ torch.linalg.inv(ginv[s, s]) * wb).sum()
+    return cost
+
+
+def refit_scores(model: torch.nn.Module, arch: Arch, geo: Geometry, attn_grams: list[torch.Tensor],
+                 mlp_grams: list[torch.Tensor], damp: float) -> list[LayerScores]:
+    """What removing each structure costs the layer's output once the kept columns of o_proj / down_proj
+    are refit on calibration data (what reconstruction then does). A structure whose contribution the
+    others can reproduce scores low even when its weights or gradients are large; Taylor scores
+    cannot see that. G = sum x x^T of the projection's input, damped as the refit damps it."""
+    out = []
+    with torch.no_grad():
+        for layer, g_attn, g_mlp in zip(decoder_layers(model), attn_grams, mlp_grams):
+            costs = []
+            for lin, g, sizes in ((module(layer, arch.o), g_attn, (geo.head_dim, geo.head_dim * geo.q_per_group)),
+                                  (module(layer, arch.mlp_out), g_mlp, (1,))):
+                g = g.double().cpu()
+                g = g + damp * g.diagonal().mean().clamp_min(1e-12) * torch.eye(g.shape[0], dtype=g.dtype)
+                chol, info = torch.linalg.cholesky_ex(g)
+                ginv = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.pinv(g, hermitian=True)
+                w = lin.weight.detach().double().cpu()
+                costs.extend(_block_cost(w, ginv, size) for size in sizes)
+            q, group, mlp = (c.float() for c in costs)
+            # a KV group's score is its own joint cost; LayerScores.group adds the q heads back
+            kv = group - q.view(geo.kv_heads, geo.q_per_group).sum(1)
+            out.append(LayerScores(q, kv, mlp))
+    return out
+
+
+def combine(a: list[LayerScores], b: list[LayerScores], geo: Geometry) -> list[LayerScores]:
+    """Per structure, the product of two scores: high only when both call it important. Every layer
+    keeps the same widths, so only the ranking inside a layer matters and the scales need no matching."""
+    out = []
+    for x, y in zip(a, b):
+        q = x.q * y.q
+        group = x.group(geo) * y.group(geo)
+        out.append(LayerScores(q, group - q.view(geo.kv_heads, geo.q_per_group).sum(1), x.mlp * y.mlp))
+    return out
+
+
 def random_scores(geo: Geometry, seed: int) -> list[LayerScores]:
     gen = torch.Generator().manual_seed(seed)
     return [LayerScores(torch.rand(geo.heads, generator=gen), torch.rand(geo.kv_heads, generator=gen),
@@ -155,6 +212,8 @@ def scores(method: str, model: torch.nn.Module, arch: Arch, geo: Geometry, windo
     """Scores of every structure by `method`; the mean calibration loss when a pass was made."""
     if method in NEEDS_GRADIENTS:
         return gradient_scores(model, arch, geo, windows, second_order=method == "taylor2", progress=progress)
+    if method == "obs":   # computed from the calibration statistics by refit_scores
+        return None, None
     if method == "l2":
         return weight_scores(model, arch, geo), None
     if method == "random":
