@@ -2,7 +2,7 @@
 
     python benchmarks/distill_smollm2.py --work /tmp/kd-bench --max-minutes 50
 
-1. prunes smollm2-135m by --ratio (llmopt prune, Taylor importance, defaults) unless --student is given;
+1. prunes smollm2-135m by --ratio (llmopt prune with its defaults) unless --student is given;
 2. distills the pruned student from the original on WikiText-2 wiki.valid.raw (llmopt distill);
 3. measures wiki.test.raw perplexity (--windows x 2048 tokens, as `llmopt bench`) of the original,
    the pruned and the distilled model, and prints the fraction of the pruned->original gap recovered
