@@ -276,6 +276,28 @@ def test_same_seed_gives_byte_identical_checkpoint(tiny_model_dir, tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_replaying_the_finished_attention_block_changes_no_byte(arch, tiny_model_dir, tmp_path, monkeypatch):
+    from llmopt.quantize import sequential
+
+    src = tiny_model_dir(arch)
+    plays = []
+
+    class Counting(sequential._Replay):
+        def _player(self, child):
+            play = super()._player(child)
+            return lambda *a, **k: plays.append(child) or play(*a, **k)
+
+    monkeypatch.setattr(sequential, "_Replay", Counting)
+    quantize(_opts(src, tmp_path / "replayed", desc_act=True))
+    # the down pass and the final pass of every layer, for every window
+    assert plays == ["self_attn"] * (3 * 2 * 8)
+    monkeypatch.setattr(sequential, "_Replay", lambda *a, **k: None)
+    quantize(_opts(src, tmp_path / "recomputed", desc_act=True))
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "replayed" / f).read_bytes() == (tmp_path / "recomputed" / f).read_bytes(), f
+
+
 def test_cli_quantize_info_counts_parameters(tiny_model_dir, tmp_path, cli):
     src = tiny_model_dir("llama")
     out = tmp_path / "q"

@@ -83,8 +83,10 @@ def quant_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
         rows = torch.arange(w.shape[0], device=w.device)
         for chunk in shrink.split(step):
             s, z = _grid(chunk[:, None] * xmin, chunk[:, None] * xmax, spec)      # [S, N]
-            q = torch.clamp(torch.round(w / s[..., None]) + z[..., None], 0, spec.maxq)
-            err = (s[..., None] * (q - z[..., None]) - w).abs_().pow_(CLIP_NORM).sum(-1)
+            sc, zc = s[..., None], z[..., None]
+            # in place: the same arithmetic as clamp(round(w / s) + z) dequantized, minus w
+            err = (w / sc).round_().add_(zc).clamp_(0, spec.maxq).sub_(zc).mul_(sc).sub_(w)
+            err = err.abs_().pow_(CLIP_NORM).sum(-1)
             low, at = err.min(0)                             # first (widest) range wins ties
             better = low < best
             best = torch.where(better, low, best)

@@ -14,6 +14,12 @@ it was loaded, normally CPU memory):
 3. the layer runs once more with all weights quantized and its outputs become the next layer's
    inputs.
 
+A sub-block whose Linears are all quantized (the attention block once q/k/v and o are done) gets the
+same inputs and weights on every later pass, so its outputs are recorded on the next pass and
+replayed after that instead of recomputed: the gate/up pass records the attention block, the down
+pass and the final pass replay it. This keeps the layer-by-layer time near its floor of two plain
+forward passes (docs/quantize.md), at the cost of one more copy of the calibration activations.
+
 Round-to-nearest needs no calibration and skips the forward passes entirely.
 """
 
@@ -21,8 +27,9 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -150,9 +157,92 @@ def _stages(layer: torch.nn.Module, names: list[str], x: torch.Tensor, kw: dict)
     return stages + ([missing] if missing else [])
 
 
+class _Replay:
+    """Outputs of the layer's finished sub-blocks (direct children such as `self_attn` whose quantized
+    Linears are all done), recorded on one pass over the windows and returned on later passes."""
+
+    def __init__(self, layer: torch.nn.Module, names: list[str], n: int) -> None:
+        self.layer, self.n, self.index = layer, n, 0
+        self.pending: dict[str, set[str]] = {}     # child -> its Linears not yet quantized
+        for name in names:
+            child, _, rest = name.partition(".")
+            if rest:
+                self.pending.setdefault(child, set()).add(name)
+        self.recording: dict[str, list] = {}
+        self.ready: dict[str, list] = {}
+        self.invalid: set[str] = set()
+
+    def quantized(self, stage: list[str]) -> None:
+        """The stage's Linears are final: children with nothing left to quantize record on the next pass."""
+        for child, left in self.pending.items():
+            left.difference_update(stage)
+            if not left and child not in self.ready and child not in self.invalid:
+                self.recording.setdefault(child, [None] * self.n)
+
+    def stop_recording(self) -> None:
+        """Nothing runs after the next pass: recording it would only cost memory."""
+        self.recording.clear()
+
+    def _recorder(self, child: str, forward: Callable) -> Callable:
+        def record(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            slots = self.recording[child]
+            # a tensor, or a tuple of one tensor and Nones (attention weights are not kept); a
+            # child called twice per window cannot be replayed
+            plain = isinstance(out, torch.Tensor) or (
+                isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor)
+                and all(o is None for o in out[1:]))
+            if not plain or slots[self.index] is not None:
+                self.invalid.add(child)
+            else:
+                slots[self.index] = out
+            return out
+        return record
+
+    def _player(self, child: str) -> Callable:
+        outputs = self.ready[child]
+
+        def play(*args, **kwargs):   # a copy, in case the layer adds to it in place
+            out = outputs[self.index]
+            return out.clone() if isinstance(out, torch.Tensor) else (out[0].clone(), *out[1:])
+        return play
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        patched = []
+        for child in list(self.recording) + list(self.ready):
+            mod = self.layer.get_submodule(child)
+            patched.append((mod, "forward" in mod.__dict__, mod.forward))
+            mod.forward = self._recorder(child, mod.forward) if child in self.recording else self._player(child)
+        try:
+            yield
+        finally:
+            for mod, own, forward in patched:
+                if own:
+                    mod.forward = forward
+                else:
+                    del mod.forward     # back to the class method
+            for child, slots in self.recording.items():
+                if child not in self.invalid and all(o is not None for o in slots):
+                    self.ready[child] = slots
+                else:
+                    self.invalid.add(child)
+            self.recording.clear()
+
+
+def _replaying(replay: _Replay | None):
+    return replay.active() if replay is not None else nullcontext()
+
+
+def _at(replay: _Replay | None, j: int) -> int:
+    if replay is not None:
+        replay.index = j
+    return j
+
+
 @torch.inference_mode()
-def _collect(layer: torch.nn.Module, stage: list[str], inputs: torch.Tensor, kw: dict, cut_short: bool
-             ) -> dict[str, torch.Tensor]:
+def _collect(layer: torch.nn.Module, stage: list[str], inputs: torch.Tensor, kw: dict, cut_short: bool,
+             replay: _Replay | None = None) -> dict[str, torch.Tensor]:
     """H for each module of the stage (modules fed the same tensor share one accumulator)."""
     linears = _linears(layer)
     accs: dict[str, HessianAccumulator] = {}
@@ -177,12 +267,13 @@ def _collect(layer: torch.nn.Module, stage: list[str], inputs: torch.Tensor, kw:
 
     hooks = [linears[n].register_forward_pre_hook(hook(n)) for n in stage]
     try:
-        for x in inputs:
-            state["last"], state["done"] = None, set()
-            try:
-                layer(x.unsqueeze(0), **kw)
-            except _Stop:
-                pass
+        with _replaying(replay):
+            for j in range(len(inputs)):
+                state["last"], state["done"] = None, set()
+                try:
+                    layer(inputs[_at(replay, j): j + 1], **kw)
+                except _Stop:
+                    pass
     finally:
         for h in hooks:
             h.remove()
@@ -215,8 +306,9 @@ def quantize_layers(model: torch.nn.Module, solve: Solver, *, windows: torch.Ten
         else:
             stages = [names]
         last = None
+        replay = _Replay(layer, names, len(inputs)) if inputs is not None and len(stages) > 1 else None
         for stage in stages:
-            hessians = _collect(layer, stage, inputs, kwargs[i], cut_short=True) if inputs is not None else {}
+            hessians = _collect(layer, stage, inputs, kwargs[i], True, replay) if inputs is not None else {}
             for n in stage:
                 lin = linears[n]
                 full = f"{prefix}.{i}.{n}"
@@ -229,9 +321,15 @@ def quantize_layers(model: torch.nn.Module, solve: Solver, *, windows: torch.Ten
                 last = Quantized(full, i, result, time.perf_counter() - t0)
                 done.append(last)
             hessians.clear()
+            if replay is not None:
+                replay.quantized(stage)
         if inputs is not None:
-            for j in range(len(inputs)):
-                inputs[j] = _hidden(layer(inputs[j: j + 1], **kwargs[i]))[0]
+            if replay is not None:
+                replay.stop_recording()
+            with _replaying(replay):
+                for j in range(len(inputs)):
+                    inputs[j] = _hidden(layer(inputs[_at(replay, j): j + 1], **kwargs[i]))[0]
+            del replay
         layer.to(home)
         info = {"module": last.name.rsplit(".", 2)[-2] + "." + last.name.rsplit(".", 1)[-1], "err": last.result.error} \
             if last else {}
