@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -230,19 +230,9 @@ class _Replay:
             self.recording.clear()
 
 
-def _replaying(replay: _Replay | None):
-    return replay.active() if replay is not None else nullcontext()
-
-
-def _at(replay: _Replay | None, j: int) -> int:
-    if replay is not None:
-        replay.index = j
-    return j
-
-
 @torch.inference_mode()
 def _collect(layer: torch.nn.Module, stage: list[str], inputs: torch.Tensor, kw: dict, cut_short: bool,
-             replay: _Replay | None = None) -> dict[str, torch.Tensor]:
+             replay: _Replay) -> dict[str, torch.Tensor]:
     """H for each module of the stage (modules fed the same tensor share one accumulator)."""
     linears = _linears(layer)
     accs: dict[str, HessianAccumulator] = {}
@@ -267,11 +257,11 @@ def _collect(layer: torch.nn.Module, stage: list[str], inputs: torch.Tensor, kw:
 
     hooks = [linears[n].register_forward_pre_hook(hook(n)) for n in stage]
     try:
-        with _replaying(replay):
+        with replay.active():
             for j in range(len(inputs)):
-                state["last"], state["done"] = None, set()
+                state["last"], state["done"], replay.index = None, set(), j
                 try:
-                    layer(inputs[_at(replay, j): j + 1], **kw)
+                    layer(inputs[j: j + 1], **kw)
                 except _Stop:
                     pass
     finally:
@@ -306,7 +296,7 @@ def quantize_layers(model: torch.nn.Module, solve: Solver, *, windows: torch.Ten
         else:
             stages = [names]
         last = None
-        replay = _Replay(layer, names, len(inputs)) if inputs is not None and len(stages) > 1 else None
+        replay = _Replay(layer, names, len(inputs)) if inputs is not None else None
         for stage in stages:
             hessians = _collect(layer, stage, inputs, kwargs[i], True, replay) if inputs is not None else {}
             for n in stage:
@@ -323,12 +313,12 @@ def quantize_layers(model: torch.nn.Module, solve: Solver, *, windows: torch.Ten
             hessians.clear()
             if replay is not None:
                 replay.quantized(stage)
-        if inputs is not None:
-            if replay is not None:
-                replay.stop_recording()
-            with _replaying(replay):
+        if replay is not None:
+            replay.stop_recording()
+            with replay.active():
                 for j in range(len(inputs)):
-                    inputs[j] = _hidden(layer(inputs[_at(replay, j): j + 1], **kwargs[i]))[0]
+                    replay.index = j
+                    inputs[j] = _hidden(layer(inputs[j: j + 1], **kwargs[i]))[0]
             del replay
         layer.to(home)
         info = {"module": last.name.rsplit(".", 2)[-2] + "." + last.name.rsplit(".", 1)[-1], "err": last.result.error} \
