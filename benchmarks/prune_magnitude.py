@@ -44,7 +44,8 @@ def magnitude(model, arch, geo, folded: bool, product: bool) -> list[imp.LayerSc
         g, u = (module(layer, n).weight.detach().float() for n in arch.mlp_in)
         d = module(layer, arch.mlp_out).weight.detach().float()
         if folded:
-            g, u = g * norm_scale(layer), u * norm_scale(layer)
+            scale = norm_scale(layer)
+            g, u = g * scale, u * scale
         ng, nu, nd = g.norm(dim=1), u.norm(dim=1), d.norm(dim=0)
         out.append(imp.LayerScores(s.q, s.kv, ng * nu * nd if product else ng ** 2 + nu ** 2 + nd ** 2))
     return out
