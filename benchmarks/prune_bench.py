@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmopt.bench.quality import window_nll
+from llmopt.bench.speed import next_step
 from llmopt.data import text_windows
 from llmopt.models import load_model
 from llmopt.prune import PruneOptions, prune
@@ -54,11 +55,11 @@ def time_once(model, prompt: torch.Tensor, gen: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True)
     t1 = time.perf_counter()
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    token = out.logits[:, -1:].argmax(-1)
     t2 = time.perf_counter()
     for _ in range(gen):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, use_cache=True, **next_step(out))
+        token = out.logits[:, -1:].argmax(-1)
     return t1 - t0, time.perf_counter() - t2
 
 

@@ -166,6 +166,19 @@ def test_time_generation_decodes_exactly_gen_len(pair):
     assert t.ttft_s > 0 and t.decode_s > 0 and t.decode_tok_s == pytest.approx(4 / t.decode_s)
 
 
+def test_decode_steps_reuse_the_cache(pair):
+    """The timed decode feeds each step's cache to the next under whichever name this transformers
+    uses: one new token on the cache gives the logits of a full forward over the whole sequence."""
+    base, _, _ = pair
+    model = load_model(str(base), device="cpu").model
+    ids = torch.arange(10, 26).view(1, 16)
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :15], use_cache=True)
+        step = model(input_ids=ids[:, 15:], use_cache=True, **speed.next_step(out))
+        full = model(input_ids=ids).logits
+    torch.testing.assert_close(step.logits[:, -1], full[:, -1], rtol=1e-4, atol=1e-4)
+
+
 def test_bytes_read_per_token(tiny_model_dir):
     tied = load_model(str(tiny_model_dir("llama")), device="cpu").model
     from llmopt.info import weight_bytes

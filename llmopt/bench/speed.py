@@ -67,6 +67,15 @@ def _prefill_kwargs(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
+def next_step(out) -> dict:
+    """The keyword that feeds a forward's KV cache to the next one. Newer transformers 5.x name it
+    `cache` (and deprecate `past_key_values`, to be removed), earlier 5.x only `past_key_values`."""
+    fields = out.keys() if hasattr(out, "keys") else ()
+    if "cache" in fields:
+        return {"cache": out["cache"]}
+    return {"past_key_values": out.past_key_values}
+
+
 @torch.inference_mode()
 def time_generation(model, prompt: torch.Tensor, gen_len: int) -> Timing:
     """Greedy-decode `gen_len` tokens after `prompt` ([batch, prompt_len]) with a KV cache; time it."""
@@ -79,10 +88,8 @@ def time_generation(model, prompt: torch.Tensor, gen_len: int) -> Timing:
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     first = time.perf_counter()
-    past = out.past_key_values
     for _ in range(gen_len - 1):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=token, use_cache=True, **next_step(out))
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     end = time.perf_counter()
