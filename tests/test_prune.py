@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny
+from llmopt.errors import UserError
 from llmopt.prune import PruneOptions, plan, prune
 from llmopt.prune import importance as imp
 from llmopt.prune import slicing
@@ -303,8 +304,6 @@ def test_smollm2_prune_20_percent(tmp_path, wikitext_dir):
 def test_gemma3_prune_20_percent(tmp_path, wikitext_dir):
     """The second real architecture end to end: q/k norms, one KV head, sliding-window layers, tied
     262k-token embeddings. 20% of all parameters is over half of every decoder layer here."""
-    from llmopt.errors import UserError
-
     out = tmp_path / "gemma3-p20"
     try:
         summary = prune(PruneOptions("gemma3-270m", str(out), ratio=0.2, nsamples=4, seq_len=128,

@@ -70,10 +70,8 @@ def _prefill_kwargs(model) -> dict:
 def next_step(out) -> dict:
     """The keyword that feeds a forward's KV cache to the next one. Newer transformers 5.x name it
     `cache` (and deprecate `past_key_values`, to be removed), earlier 5.x only `past_key_values`."""
-    fields = out.keys() if hasattr(out, "keys") else ()
-    if "cache" in fields:
-        return {"cache": out["cache"]}
-    return {"past_key_values": out.past_key_values}
+    key = "cache" if "cache" in out else "past_key_values"
+    return {key: out[key]}
 
 
 @torch.inference_mode()
