@@ -142,9 +142,10 @@ def test_info_and_generate_load_outputs(quantized, tiny_src, cli):
     (["--method", "nf4", "--group-size", "64"], "--group-size only applies to gptq"),
     (["--method", "fp4", "--calib", "builtin", "--nsamples", "8"], "--calib, --nsamples only apply to gptq"),
     (["--method", "nf4", "--compute-dtype", "int8"], "invalid --compute-dtype"),
-    (["--method", "nf4", "--skip", "("], "not a valid pattern"),
+    (["--method", "nf4", "--skip", "("], "is not a module name pattern"),
     pytest.param(["--method", "nf4", "--skip", "no_such_layer"], "matches no linear layer", marks=needs_bnb),
-    pytest.param(["--method", "nf4", "--skip", "proj"], "no linear layer is left", marks=needs_bnb),
+    pytest.param(["--method", "nf4", "--skip", "proj"], "matches no linear layer", marks=needs_bnb),
+    pytest.param(["--method", "nf4", "--skip", "*proj"], "no linear layer is left", marks=needs_bnb),
 ])
 def test_bad_options_exit_2_and_write_nothing(args, match, tiny_src, tmp_path, cli):
     out = tmp_path / "out"
@@ -152,6 +153,61 @@ def test_bad_options_exit_2_and_write_nothing(args, match, tiny_src, tmp_path, c
     assert code == 2, err
     assert match.lower() in err.lower(), err
     assert list(tmp_path.iterdir()) == []                       # no output, no temporary sibling
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(method="nf4", group_size=64), "--group-size only applies to gptq"),
+    (dict(method="nf4", bits=4), "--bits does not apply"),
+    (dict(method="llm-int8", threshold=0.0), "--threshold must be a positive"),
+    (dict(method="fp4", compute_dtype="int8"), "invalid --compute-dtype"),
+    (dict(method="llm-int8", skip=["model.layers.(1|2)"]), "is not a module name pattern"),
+])
+def test_options_validate_alone_refuses_bad_bitsandbytes_options(kw, match):
+    """What a recipe's --dry-run runs: no model, no bitsandbytes, no file."""
+    from llmopt.quantize import QuantizeOptions
+
+    with pytest.raises(UserError) as e:
+        QuantizeOptions(model="not-read", output="not-written", **kw).validate()
+    assert match.lower() in str(e.value).lower()
+
+
+SEVEN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+         "mlp.up_proj", "mlp.down_proj")
+
+
+@needs_bnb
+def test_skip_means_dotted_names_with_wildcards_as_for_gptq(tiny_model_dir, tmp_path):
+    """model.layers.1 is layer 1 only (not 10); *.down_proj is a wildcard, not a regular expression; and
+    transformers reloads exactly those layers unquantized."""
+    from transformers import AutoModelForCausalLM
+
+    from llmopt.quantize import QuantizeOptions, quantize
+
+    src = tiny_model_dir("qwen2", num_hidden_layers=11)
+    out = tmp_path / "q"
+    summary = quantize(QuantizeOptions(model=str(src), output=str(out), method="llm-int8",
+                                       skip=["model.layers.1", "*.down_proj"]))
+    expected = {f"model.layers.1.{m}" for m in SEVEN} | {f"model.layers.{i}.mlp.down_proj" for i in range(11)}
+    assert set(summary["kept_layers"]) == expected | {"lm_head"}
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map={"": "cpu"})
+    assert {n for n, m in reloaded.named_modules() if type(m) is torch.nn.Linear} == expected | {"lm_head"}
+
+
+@needs_bnb
+@pytest.mark.parametrize("method", ["llm-int8", "nf4"])
+def test_moe_with_fused_experts_is_refused(method, tiny_tokenizer, tmp_path, cli):
+    """transformers' bitsandbytes integration replaces nn.Linear only: fused experts would stay float."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mixtral", vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  num_local_experts=4, num_experts_per_tok=2)
+    src = tmp_path / "moe"
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    code, _, err = cli("quantize", src, "-o", tmp_path / "out", "--method", method)
+    assert code == 2 and "mlp.experts.gate_up_proj" in err and "cannot quantize" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 @needs_bnb

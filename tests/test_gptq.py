@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from llmopt.errors import UserError
 from llmopt.models import load_model
 from llmopt.quantize import QuantizeOptions, quantize
 from llmopt.quantize import packing
@@ -400,6 +401,151 @@ def test_short_calibration_file_and_quantized_input_are_refused(tiny_model_dir, 
     quantize(_opts(src, tmp_path / "q", method="rtn"))
     code, _, err = cli("quantize", tmp_path / "q", "-o", tmp_path / "o2", "--method", "rtn")
     assert code == 2 and "already quantized" in err and not (tmp_path / "o2").exists()
+
+
+# ----------------------------------------------------------------------------- options checked up front
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(bits=5), "--bits must be one of 2, 3, 4, 8"),
+    (dict(group_size=48), "--group-size must be a positive power of two"),
+    (dict(method="int8", bits=4), "--method int8 is 8-bit"),
+    (dict(method="int8", group_size=64), "--group-size does not apply"),
+    (dict(method="int8", mse=True), "keeps the full range"),
+    (dict(nsamples=0), "--nsamples must be positive"),
+    (dict(damp=2.0), "--damp must be between 0 and 1"),
+    (dict(method="rtn", double_quant=True), "--double-quant only applies to --method nf4/fp4"),
+    (dict(skip=["model.layers.(1|2)"]), "--skip 'model.layers.(1|2)' is not a module name pattern"),
+    (dict(skip=[" "]), "--skip got an empty pattern"),
+])
+def test_options_validate_alone_refuses_every_bad_gptq_option(kw, match):
+    """No model, no file: validate() is what a recipe's --dry-run runs, so it must hold every check."""
+    with pytest.raises(UserError) as e:
+        QuantizeOptions(model="not-read", output="not-written", **kw).validate()
+    assert match.lower() in str(e.value).lower()
+
+
+def test_recipe_dry_run_refuses_bits_5_before_any_step_runs(tiny_model_dir, tmp_path, cli):
+    src = tiny_model_dir("llama")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {src}\nout: {tmp_path / 'out'}\nsteps:\n  - prune: {{ratio: 0.1}}\n"
+                      "  - quantize: {bits: 5}\n")
+    code, _, err = cli("run", recipe, "--dry-run")
+    assert code == 2 and "--bits must be one of 2, 3, 4, 8" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- --skip: one meaning
+
+@pytest.mark.parametrize("pattern,name,hit", [
+    ("model.layers.1", "model.layers.1.mlp.down_proj", True),
+    ("model.layers.1", "model.layers.10.mlp.down_proj", False),
+    ("model.layers.1.mlp.down_proj", "model.layers.1.mlp.down_proj", True),
+    ("*.down_proj", "model.layers.3.mlp.down_proj", True),
+    ("*.down_proj", "model.layers.3.mlp.up_proj", False),
+    ("model.layers.1[0-9].*", "model.layers.12.self_attn.q_proj", True),
+    ("model.layers.1[0-9].*", "model.layers.1.self_attn.q_proj", False),
+    ("down_proj", "model.layers.3.mlp.down_proj", True),
+    ("mlp.down_proj", "model.layers.3.mlp.down_proj", True),
+    ("mlp.gate", "model.layers.3.mlp.gate_proj", False),
+    ("layers.1", "model.layers.1.self_attn.o_proj", True),
+    ("layers.1", "model.layers.11.self_attn.o_proj", False),
+    ("proj", "model.layers.3.mlp.down_proj", False),
+    ("layers.1[0-9]", "model.layers.12.mlp.up_proj", True),
+    ("layers.1[0-9]", "model.layers.1.mlp.up_proj", False),
+])
+def test_skip_pattern_matches_dotted_names_not_substrings(pattern, name, hit):
+    from llmopt.quantize.options import skip_matches
+
+    assert skip_matches(name, [pattern]) is hit
+
+
+def test_skip_layer_1_keeps_layer_1_only_not_layers_10_to_19(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("llama", num_hidden_layers=11)
+    summary = quantize(_opts(src, tmp_path / "a", method="rtn", skip=["model.layers.1"]))
+    assert sorted(summary["kept_layers"]) == sorted(f"model.layers.1.{m}" for m in
+                                                    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                     "mlp.down_proj"))
+    summary = quantize(_opts(src, tmp_path / "b", method="rtn", skip=["model.layers.1[0-9].*.down_proj"]))
+    assert summary["kept_layers"] == ["model.layers.10.mlp.down_proj"]
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn", "int8"])
+def test_skip_matching_no_linear_exits_2_and_writes_nothing(method, tiny_model_dir, tmp_path, cli):
+    src = tiny_model_dir("llama")
+    out = tmp_path / "out"
+    code, _, err = cli("quantize", src, "-o", out, "--method", method, "--calib", "builtin", "--seq-len", "32",
+                         "--skip", "mlp.dwn_proj")
+    assert code == 2 and "--skip 'mlp.dwn_proj' matches no Linear layer" in err, err
+    assert not out.exists()
+
+
+def test_help_documents_the_skip_pattern_meaning(cli):
+    code, out, _ = cli("quantize", "--help")
+    text = " ".join(w for w in out.split() if w != "│")
+    assert code == 0 and "dotted prefix" in text and "layers.1[0-9] for layers 10-19" in text
+
+
+# ----------------------------------------------------------------------------- mixture-of-experts
+
+MOE_CONFIGS = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=64),
+}
+
+
+def _tiny_moe(arch: str, directory: Path, tokenizer) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, **MOE_CONFIGS[arch])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("arch", sorted(MOE_CONFIGS))
+@pytest.mark.parametrize("method", ["gptq", "rtn", "int8"])
+def test_moe_with_fused_experts_is_refused_before_weights_are_read(arch, method, tiny_tokenizer, tmp_path, cli):
+    src = _tiny_moe(arch, tmp_path / "moe", tiny_tokenizer)
+    (src / "model.safetensors").unlink()          # refused from the config alone: the weights are never read
+    out = tmp_path / "out"
+    code, _, err = cli("quantize", src, "-o", out, "--method", method, "--calib", "builtin", "--seq-len", "32")
+    assert code == 2, err
+    assert "mlp.experts.gate_up_proj" in err and "cannot quantize" in err, err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- the source's dtype
+
+def test_bf16_source_keeps_bf16_unquantized_tensors_and_reloads(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_model_dir("qwen2")                      # untied head, biased q/k/v
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(src)
+    out = tmp_path / "q"
+    summary = quantize(_opts(src, out, method="gptq", group_size=32, skip=["mlp.down_proj"]))
+    tensors = load_file(out / "model.safetensors")
+    plain = {k: t.dtype for k, t in tensors.items() if not k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.0.mlp.down_proj.weight",
+            "model.layers.0.self_attn.q_proj.bias"} <= set(plain)
+    assert set(plain.values()) == {torch.bfloat16}
+    assert {t.dtype for k, t in tensors.items() if k.endswith(".scales")} == {torch.float16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert summary["source_dtype"] == "bfloat16"
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(src).parameters())
+    assert summary["weight_bytes"] == weight_bytes
+    assert summary["weight_bytes_vs_float32"] == pytest.approx(weight_bytes / (4 * params), abs=1e-4)
+    assert summary["weight_bytes_vs_source"] == pytest.approx(weight_bytes / (2 * params), abs=1e-4)
+
+    ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0))
+    logits = _logits(load_model(str(out), device="cpu").model, ids)
+    reference = _logits(_dequantized_reference(src, out), ids)
+    assert (torch.linalg.norm(logits - reference) / torch.linalg.norm(reference)) < 2e-2
 
 
 # ----------------------------------------------------------------------------- the real model

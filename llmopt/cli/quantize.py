@@ -8,7 +8,7 @@ import typer
 
 from llmopt.cli.common import DataDir, Device, Dtype, Force, Json, RichProgress, app, err_console, print_json
 from llmopt.quantize import QuantizeOptions, quantize as run_quantize
-from llmopt.quantize.options import METHODS
+from llmopt.quantize.options import METHODS, SKIP_HELP
 
 D = QuantizeOptions
 
@@ -40,8 +40,7 @@ def quantize(
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = D.nsamples,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = D.seq_len,
     seed: Annotated[int, typer.Option(help="Seed for picking calibration windows.")] = D.seed,
-    skip: Annotated[list[str] | None, typer.Option(help="Module name pattern to keep in full precision "
-                                                        "(repeatable; embeddings and lm_head always are).")] = None,
+    skip: Annotated[list[str] | None, typer.Option(help=SKIP_HELP)] = None,
     threshold: Annotated[float, typer.Option(help="llm-int8: outlier threshold.")] = D.threshold,
     double_quant: Annotated[bool, typer.Option("--double-quant", help="nf4/fp4: also quantize the "
                                                                        "quantization constants.")] = D.double_quant,

@@ -10,11 +10,8 @@ refusing combinations that cannot mean anything, and measuring what the rounding
 from __future__ import annotations
 
 import logging
-import math
-import re
 import tempfile
 import time
-from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
@@ -22,15 +19,8 @@ import torch
 from llmopt.checkpoint import check_output, dir_size, provenance, save_pretrained
 from llmopt.errors import MissingExtra, UserError, require
 from llmopt.progress import SILENT, Progress
-from llmopt.quantize.options import QuantizeOptions
-
-GPTQ_ONLY = ("group_size", "sym", "desc_act", "true_sequential", "damp", "mse", "block_size", "calib",
-             "nsamples", "seq_len", "seed")
-INT8_ONLY = ("threshold",)
-FOUR_BIT_ONLY = ("double_quant", "compute_dtype")
-COMPUTE_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-                  "half": "float16", "float32": "float32", "fp32": "float32"}
-BITS = {"llm-int8": 8, "nf4": 4, "fp4": 4}
+from llmopt.quantize.options import BNB_BITS, QuantizeOptions, check_skip_matches, skip_matches
+from llmopt.quantize.sequential import meta_model, refuse_fused_weights
 
 # bitsandbytes' CPU 4-bit kernel repacks each weight in 64-column blocks of 32-row tiles; other shapes
 # quantize fine but crash at the first forward pass on CPU.
@@ -60,47 +50,6 @@ def require_bitsandbytes(purpose: str = "--method llm-int8/nf4/fp4"):
     return bitsandbytes
 
 
-def _default(name: str):
-    f = next(f for f in fields(QuantizeOptions) if f.name == name)
-    return f.default_factory() if f.default is MISSING else f.default
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def validate_bnb(opts: QuantizeOptions) -> None:
-    """The bitsandbytes-specific checks; everything here fails before any file is read."""
-    method = opts.method
-    require(opts.bits is None, f"--bits does not apply to --method {method} (it is {BITS[method]}-bit by "
-            "definition)", "drop --bits, or use --method gptq/rtn for another width")
-    changed = [f for f in GPTQ_ONLY if getattr(opts, f) != _default(f)]
-    require(not changed, f"{', '.join(_flag(f) for f in changed)} only appl{'ies' if len(changed) == 1 else 'y'} "
-            f"to gptq/rtn/int8, not to --method {method} (bitsandbytes needs no calibration)",
-            f"drop {', '.join(_flag(f) for f in changed)}")
-    if method == "llm-int8":
-        t = opts.threshold
-        require(isinstance(t, (int, float)) and math.isfinite(t) and t > 0,
-                f"--threshold must be a positive number, got {t}",
-                "6.0 is the LLM.int8 paper's value; larger keeps fewer outlier columns in float16")
-        wrong = [f for f in FOUR_BIT_ONLY if getattr(opts, f) != _default(f)]
-        require(not wrong, f"{', '.join(_flag(f) for f in wrong)} only appl{'ies' if len(wrong) == 1 else 'y'} "
-                "to --method nf4/fp4, not llm-int8", f"drop {', '.join(_flag(f) for f in wrong)}")
-    else:
-        require(opts.threshold == _default("threshold"), f"--threshold only applies to --method llm-int8, "
-                f"not {method}", "drop --threshold")
-        require(str(opts.compute_dtype).strip().lower() in COMPUTE_DTYPES,
-                f"invalid --compute-dtype '{opts.compute_dtype}'", "use bfloat16, float16 or float32")
-    for pattern in opts.skip:
-        require(bool(pattern and pattern.strip()), "--skip got an empty pattern", "pass a module name such as "
-                "lm_head or model.layers.0.mlp")
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise UserError(f"--skip '{pattern}' is not a valid pattern: {e}",
-                            hint="pass a module name or a regular expression such as 'model.layers.0.*'") from e
-
-
 def bnb_config(opts: QuantizeOptions, skip_modules: list[str]):
     """The transformers `BitsAndBytesConfig` for these options (also what config.json records)."""
     from transformers import BitsAndBytesConfig
@@ -110,31 +59,25 @@ def bnb_config(opts: QuantizeOptions, skip_modules: list[str]):
                                   llm_int8_skip_modules=skip_modules)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=opts.method,
                               bnb_4bit_use_double_quant=bool(opts.double_quant),
-                              bnb_4bit_compute_dtype=COMPUTE_DTYPES[opts.compute_dtype.strip().lower()],
+                              bnb_4bit_compute_dtype=opts.compute_dtype_name,
                               llm_int8_skip_modules=skip_modules)
 
 
 def plan_modules(meta_model: torch.nn.Module, skip: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """Split the model's Linear layers into (quantized, kept) the way transformers will, plus the full
-    skip list: the output head (kept, like the embeddings) and the user's patterns."""
+    """Split the model's Linear layers into (quantized, kept) by --skip's one meaning (`skip_matches`),
+    plus the skip list for `llm_int8_skip_modules`: the output head (kept, like the embeddings) and
+    the kept Linears by full name, so transformers' own pattern rules (regex, prefix, suffix) and
+    other loaders' agree with it."""
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     head = meta_model.get_output_embeddings()
     keep = sorted({name for name, m in meta_model.named_modules() if head is not None and m is head})
-    linears = {name: m for name, m in meta_model.named_modules() if type(m) is torch.nn.Linear}
-    for pattern in skip:
-        if all(should_convert_module(name, [pattern]) for name in linears):
-            raise UserError(f"--skip '{pattern}' matches no Linear layer of this model",
-                            hint=f"layer names look like {_example(linears)}")
-    skip_all = keep + [p for p in skip if p not in keep]
+    linears = [name for name, m in meta_model.named_modules() if type(m) is torch.nn.Linear]
+    check_skip_matches(skip, linears)
+    skip_all = keep + [n for n in linears if skip_matches(n, skip) and n not in keep]
     quantized = [n for n in linears if should_convert_module(n, skip_all)]
     kept = [n for n in linears if n not in quantized]
     return quantized, kept, skip_all
-
-
-def _example(linears: dict) -> str:
-    names = list(linears)
-    return ", ".join(names[:2]) if names else "(none)"
 
 
 def check_cpu_shapes(meta_model: torch.nn.Module, quantized: list[str]) -> None:
@@ -182,14 +125,6 @@ def _source_dir(opts: QuantizeOptions, progress: Progress, workdir: Path) -> tup
         raise UserError(f"{opts.model} is already quantized ({method})",
                         hint="quantize from the full-precision model")
     return where, config
-
-
-def _meta_model(where: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(where)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def _weight_files(where: str) -> dict[str, Path]:
@@ -255,8 +190,6 @@ def quantize_bnb(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     from llmopt.models import parse_device, parse_dtype
 
     started = time.time()
-    opts.validate()
-    validate_bnb(opts)
     device = parse_device(opts.device)
     dtype = parse_dtype(opts.dtype, device)
     out = check_output(opts.output, opts.force)
@@ -265,10 +198,11 @@ def quantize_bnb(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
 
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.src-", dir=out.absolute().parent) as work:
         where, _ = _source_dir(opts, progress, Path(work))
-        meta = _meta_model(where)
+        meta = meta_model(where)
+        refuse_fused_weights(meta, opts.method)
         quantized, kept, skip_all = plan_modules(meta, opts.skip)
         require(bool(quantized), "no Linear layer is left to quantize", "match fewer layers with --skip")
-        if BITS[opts.method] == 4 and device.type == "cpu":
+        if BNB_BITS[opts.method] == 4 and device.type == "cpu":
             check_cpu_shapes(meta, quantized)
         del meta
         config = bnb_config(opts, skip_all)
@@ -293,13 +227,13 @@ def quantize_bnb(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
         "bits_per_weight": round(8 * mem / params, 3) if params else None,
         **errors,
     }
-    settings = {"method": opts.method, "bits": BITS[opts.method], "skip_modules": skip_all,
+    settings = {"method": opts.method, "bits": BNB_BITS[opts.method], "skip_modules": skip_all,
                 "device": str(device), "dtype": str(dtype).replace("torch.", "")}
     if opts.method == "llm-int8":
         settings["threshold"] = float(opts.threshold)
     else:
         settings.update(double_quant=bool(opts.double_quant),
-                        compute_dtype=COMPUTE_DTYPES[opts.compute_dtype.strip().lower()])
+                        compute_dtype=opts.compute_dtype_name)
     record = provenance("quantize", opts.model, opts, started, metrics=metrics, quantization=settings)
     progress.start(f"Writing {out}", total=None)
     save_pretrained(model, tokenizer, out, opts.force, record)

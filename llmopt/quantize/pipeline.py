@@ -10,6 +10,7 @@ standard GPTQ checkpoint (see docs/formats.md) and report per-layer errors.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -17,48 +18,80 @@ import torch
 
 from llmopt.checkpoint import atomic_output, check_output, dir_size, provenance, write_provenance
 from llmopt.errors import UserError, require
-from llmopt.models import check_causal, local_dir, parse_device, parse_dtype, quant_method, read_config
+from llmopt.models import Source, check_causal, local_dir, parse_device, parse_dtype, quant_method, read_config
 from llmopt.progress import SILENT, Progress
 from llmopt.quantize import packing
 from llmopt.quantize.gptq import LayerResult, QuantSpec, gptq_quantize, rtn_quantize
-from llmopt.quantize.options import QuantizeOptions
-from llmopt.quantize.sequential import decoder_layers, quantize_layers, skipped
+from llmopt.quantize.options import QuantizeOptions, check_skip_matches, skip_matches
+from llmopt.quantize.sequential import decoder_layers, meta_model, quantize_layers, refuse_fused_weights
 
 SHARD_BYTES = 4 * 1024 ** 3
-
-
-def resolved_bits(opts: QuantizeOptions) -> int:
-    return opts.bits if opts.bits is not None else (8 if opts.method == "int8" else 4)
-
-
-def validate(opts: QuantizeOptions) -> None:
-    """The GPTQ-layout methods' own checks (QuantizeOptions.validate ran already)."""
-    bits = resolved_bits(opts)
-    require(bits in packing.BITS, f"--bits must be one of 2, 3, 4, 8 for --method {opts.method}, got {bits}")
-    g = opts.group_size
-    require(g == -1 or (g > 0 and g & (g - 1) == 0),
-            f"--group-size must be a positive power of two or -1 (per channel), got {g}")
-    if opts.method == "int8":
-        require(bits == 8, f"--method int8 is 8-bit, got --bits {bits}", "use --method gptq or rtn for other widths")
-        require(opts.group_size in (-1, QuantizeOptions.group_size),
-                "--method int8 has one scale per output channel; --group-size does not apply",
-                "drop --group-size, or use --method gptq/rtn --bits 8 --group-size N")
-        require(opts.sym, "--method int8 is symmetric", "use --method gptq/rtn --bits 8 --asym")
-        require(opts.mse is not True, "--method int8 keeps the full range", "use --method gptq/rtn --bits 8 --mse")
-    require(opts.nsamples > 0, f"--nsamples must be positive, got {opts.nsamples}")
-    require(opts.seq_len > 0, f"--seq-len must be positive, got {opts.seq_len}")
-    require(0 <= opts.damp <= 1, f"--damp must be between 0 and 1, got {opts.damp}")
-    require(opts.block_size > 0, f"--block-size must be positive, got {opts.block_size}")
-    require(not opts.double_quant, "--double-quant is for --method nf4/fp4")
-    for pattern in opts.skip:
-        require(bool(pattern.strip()), "--skip got an empty pattern")
+_FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _spec(opts: QuantizeOptions) -> QuantSpec:
     if opts.method == "int8":
         return QuantSpec(8, -1, True)
     mse = opts.method == "gptq" if opts.mse is None else opts.mse
-    return QuantSpec(resolved_bits(opts), opts.group_size, opts.sym, mse)
+    return QuantSpec(opts.resolved_bits, opts.group_size, opts.sym, mse)
+
+
+def source_dtype(path: Path | None, fallback: torch.dtype) -> torch.dtype:
+    """The dtype the source checkpoint stores its weights in, so unquantized tensors are written in it
+    rather than in the dtype they were computed in: the dtype holding most elements of its safetensors
+    files, else config.json's `dtype` (`torch_dtype` before transformers 5), else `fallback` (GGUF)."""
+    from safetensors import safe_open
+
+    if path is None or not path.is_dir():
+        return fallback
+    counts: dict[torch.dtype, int] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                piece = st.get_slice(key)
+                dt = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+                if dt is not None:
+                    counts[dt] = counts.get(dt, 0) + math.prod(piece.get_shape())
+    if counts:
+        return max(counts, key=counts.get)
+    config = read_config(path)
+    name = config.get("dtype") or config.get("torch_dtype")
+    return _FLOAT_DTYPES.get(str(name).replace("torch.", ""), fallback)
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _check_model(model: torch.nn.Module, opts: QuantizeOptions) -> None:
+    """The option checks that need the model's module tree (a meta model is enough)."""
+    refuse_fused_weights(model, opts.method)
+    check_skip_matches(opts.skip, _linear_names(model))
+
+
+def _check_source(opts: QuantizeOptions, progress: Progress) -> Source:
+    """Everything that can be refused from the source's config, before any weights are read."""
+    source = local_dir(opts.model, progress)
+    if source.kind == "hub":
+        raise UserError("llmopt quantize reads local models", hint="download the model first or pass an alias")
+    if source.kind == "gguf":
+        require(opts.method != "gptq", "GPTQ calibration needs a model directory, not a .gguf file",
+                "convert it first, or use --method rtn")
+        return source     # no config before loading: checked on the loaded model
+    config = read_config(source.path)
+    if source.kind == "dir":
+        check_causal(config, opts.model)
+        method = quant_method(config)
+        require(method is None, f"{opts.model} is already quantized ({method})",
+                "quantize the original full-precision model")
+    if opts.method == "gptq":
+        context = (config.get("text_config") or config).get("max_position_embeddings")
+        require(context is None or opts.seq_len <= context,
+                f"--seq-len {opts.seq_len} is longer than the model's context of {context} tokens",
+                f"calibrate with --seq-len {context} or less")
+    _check_model(meta_model(str(source.path)), opts)
+    return source
 
 
 def _calibration(opts: QuantizeOptions, path: Path) -> tuple[torch.Tensor, str]:
@@ -94,9 +127,11 @@ def quantization_config(opts: QuantizeOptions, spec: QuantSpec, fmt: str, skippe
     return config
 
 
-def _state_dict(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Model tensors with each quantized Linear's weight replaced by its packed tensors; tied
-    tensors written once (under the first name, as transformers does)."""
+def _state_dict(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype
+                ) -> dict[str, torch.Tensor]:
+    """Model tensors with each quantized Linear's weight replaced by its packed tensors (which keep the
+    layout's own dtypes) and every other floating tensor in `dtype`, the source's; tied tensors
+    written once (under the first name, as transformers does)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, tensor in model.state_dict().items():
@@ -108,7 +143,8 @@ def _state_dict(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor
         if tensor.data_ptr() in seen and tensor.numel() > 0:
             continue
         seen.add(tensor.data_ptr())
-        out[name] = tensor.detach().cpu().contiguous()
+        tensor = tensor.detach().cpu()
+        out[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
     return out
 
 
@@ -143,36 +179,39 @@ def _layer_rows(done) -> list[dict]:
              "seconds": round(q.seconds, 4)} for q in done]
 
 
+def _unpackable(layers: torch.nn.ModuleList, prefix: str, spec: QuantSpec, skip: list[str],
+                progress: Progress) -> list[str]:
+    """Decoder Linears the standard layout cannot hold (widths that do not fill whole int32 words)."""
+    names = [f"{prefix}.{i}.{n}" for i, layer in enumerate(layers) for n, m in layer.named_modules()
+             if isinstance(m, torch.nn.Linear) and not skip_matches(f"{prefix}.{i}.{n}", skip)
+             and (m.in_features % 32 or not packing.packable(m.out_features, spec.bits))]
+    if names:
+        progress.note(f"{len(names)} Linear layers have widths the GPTQ layout cannot pack; kept in "
+                      f"full precision: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
+    return names
+
+
+def _size_metrics(tensors: dict[str, torch.Tensor], params: int, dtype: torch.dtype) -> dict:
+    """Bytes of every tensor written, against the source model at float32 and in its own dtype."""
+    written = sum(t.numel() * t.element_size() for t in tensors.values())
+    own = torch.empty((), dtype=dtype).element_size()
+    return {"source_dtype": str(dtype).replace("torch.", ""), "weight_bytes": written,
+            "weight_bytes_vs_float32": round(written / (4 * params), 4),
+            "weight_bytes_vs_source": round(written / (own * params), 4)}
+
+
 def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
-    """Quantize opts.model into opts.output in the standard GPTQ layout; returns the summary."""
+    """Quantize opts.model into opts.output in the standard GPTQ layout; returns the summary.
+    `opts.validate()` ran already (in `llmopt.quantize.quantize`)."""
     started = time.time()
-    validate(opts)
     out = check_output(opts.output, opts.force)
     device = parse_device(opts.device)
     dtype = parse_dtype(opts.dtype, device)
-    source = local_dir(opts.model, progress)
-    if source.kind == "hub":
-        raise UserError("llmopt quantize reads local models", hint="download the model first or pass an alias")
-    if source.kind in ("dir", "alias"):
-        config = read_config(source.path)
-    if source.kind == "dir":
-        check_causal(config, opts.model)
-        method = quant_method(config)
-        require(method is None, f"{opts.model} is already quantized ({method})",
-                "quantize the original full-precision model")
-    if source.kind in ("dir", "alias") and opts.method == "gptq":
-        context = (config.get("text_config") or config).get("max_position_embeddings")
-        require(context is None or opts.seq_len <= context,
-                f"--seq-len {opts.seq_len} is longer than the model's context of {context} tokens",
-                f"calibrate with --seq-len {context} or less")
+    source = _check_source(opts, progress)
     spec = _spec(opts)
-    windows, calib_desc = None, None
-    calib_s = 0.0
+    windows, calib_desc, calib_s = None, None, 0.0
     if opts.method == "gptq":
         t = time.time()
-        if source.kind == "gguf":
-            raise UserError("GPTQ calibration needs a model directory, not a .gguf file",
-                            hint="convert it first, or use --method rtn")
         windows, calib_desc = _calibration(opts, source.path)
         calib_s = time.time() - t
 
@@ -180,20 +219,12 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
 
     loaded = load_model(opts.model, device="cpu", dtype=str(dtype).replace("torch.", ""), progress=progress)
     model = loaded.model
+    if source.kind == "gguf":
+        _check_model(model, opts)
+    out_dtype = source_dtype(source.path, dtype)
+    params = sum(p.numel() for p in model.parameters())
     prefix, layers = decoder_layers(model)
-
-    # layers the standard layout cannot hold (widths that do not fill whole int32 words)
-    skip = list(opts.skip)
-    unpackable = []
-    for i, layer in enumerate(layers):
-        for n, m in layer.named_modules():
-            if isinstance(m, torch.nn.Linear) and not skipped(f"{prefix}.{i}.{n}", skip) and (
-                    m.in_features % 32 or not packing.packable(m.out_features, spec.bits)):
-                unpackable.append(f"{prefix}.{i}.{n}")
-    if unpackable:
-        progress.note(f"{len(unpackable)} Linear layers have widths the GPTQ layout cannot pack; kept in "
-                      f"full precision: {', '.join(unpackable[:3])}{' ...' if len(unpackable) > 3 else ''}")
-    skip_names = skip + unpackable
+    skip_names = list(opts.skip) + _unpackable(layers, prefix, spec, opts.skip, progress)
 
     def solve(name: str, linear: torch.nn.Linear, h: torch.Tensor | None) -> LayerResult:
         if opts.method == "gptq":
@@ -211,10 +242,9 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     packed = {q.name: packing.pack_layer(q.result.q, q.result.scales, q.result.zeros, q.result.g_idx,
                                          spec.bits, fmt) for q in done}
     quantized_names = {q.name for q in done}
-    all_linear = [f"{prefix}.{i}.{n}" for i, layer in enumerate(layers)
-                  for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
-    kept = [n for n in all_linear if n not in quantized_names]
-    qconfig = quantization_config(opts, spec, fmt, kept)
+    kept = [n for n in _linear_names(layers) if f"{prefix}.{n}" not in quantized_names]
+    qconfig = quantization_config(opts, spec, fmt, [f"{prefix}.{n}" for n in kept])
+    tensors = _state_dict(model, packed, out_dtype)
 
     rows = _layer_rows(done)
     errors = [r["error"] for r in rows]
@@ -222,45 +252,43 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     bytes_q = sum(sum(t.numel() * t.element_size() for t in p.values()) for p in packed.values())
     metrics = {
         "quantized_layers": len(done),
-        "kept_layers": kept,
+        "kept_layers": [f"{prefix}.{n}" for n in kept],
         "mean_error": sum(errors) / len(errors),
         "max_error": max(errors),
         "error_metric": "relative output error on calibration inputs" if opts.method == "gptq"
         else "relative weight error",
         "quantized_bytes": bytes_q,
         "quantized_bytes_vs_bf16": round(bytes_q / (2 * params_q), 4),
+        **_size_metrics(tensors, params, out_dtype),
         "calibration": calib_desc,
         "calibration_tokens": int(windows.numel()) if windows is not None else 0,
         "calibration_s": round(calib_s, 2),
         "quantize_s": round(quant_s, 2),
     }
+    record = provenance("quantize", opts.model, opts, started, metrics=metrics, quantization=qconfig, layers=rows)
+    _write(out, opts, loaded, tensors, qconfig, out_dtype, record)
+    return {"output": str(out), "method": opts.method, "bits": spec.bits, "group_size": spec.group_size,
+            "sym": spec.sym, "desc_act": qconfig["desc_act"], "format": fmt, "disk_bytes": dir_size(out),
+            "wall_time_s": round(time.time() - started, 2), **metrics, "layers": rows}
 
+
+def _write(out: Path, opts: QuantizeOptions, loaded, tensors: dict[str, torch.Tensor], qconfig: dict,
+           dtype: torch.dtype, record: dict) -> None:
+    """The checkpoint, atomically: weights, config (with quantization_config and the written dtype),
+    quantize_config.json, generation config, tokenizer, llmopt.json."""
+    model = loaded.model
     with atomic_output(out, opts.force) as tmp:
-        save_safetensors(_state_dict(model, packed), tmp)
+        save_safetensors(tensors, tmp)
         model.config.save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text())
         cfg["quantization_config"] = qconfig
+        cfg["dtype"] = str(dtype).replace("torch.", "")
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = cfg["dtype"]
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / "quantize_config.json").write_text(json.dumps(qconfig, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
-        record = provenance("quantize", opts.model, opts, started, metrics=metrics,
-                            quantization=qconfig, layers=rows)
         write_provenance(tmp, record)
-
-    summary = {
-        "output": str(out),
-        "method": opts.method,
-        "bits": spec.bits,
-        "group_size": spec.group_size,
-        "sym": spec.sym,
-        "desc_act": qconfig["desc_act"],
-        "format": fmt,
-        "disk_bytes": dir_size(out),
-        "wall_time_s": round(time.time() - started, 2),
-        **metrics,
-        "layers": rows,
-    }
-    return summary

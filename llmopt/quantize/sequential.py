@@ -25,7 +25,6 @@ Round-to-nearest needs no calibration and skips the forward passes entirely.
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,8 +32,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from llmopt.errors import UserError
 from llmopt.progress import SILENT, Progress
 from llmopt.quantize.gptq import HessianAccumulator, LayerResult
+from llmopt.quantize.options import skip_matches
 
 # solve(full_name, linear, H or None) -> LayerResult
 Solver = Callable[[str, torch.nn.Linear, "torch.Tensor | None"], LayerResult]
@@ -62,9 +63,30 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     raise ValueError("could not find the decoder layers of this model")
 
 
-def skipped(name: str, patterns: list[str]) -> bool:
-    """A module name matches a --skip pattern (glob, or a plain substring)."""
-    return any(fnmatch.fnmatch(name, p) or p in name for p in patterns)
+def meta_model(where: str) -> torch.nn.Module:
+    """The model built from its config on the meta device: its module tree, with no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(where)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def refuse_fused_weights(model: torch.nn.Module, method: str) -> None:
+    """Refuse decoder layers holding weights of more than two dimensions outside nn.Linear.
+
+    transformers 5 keeps mixture-of-experts experts (Mixtral, Qwen2/3-MoE, ...) as fused
+    [experts, out, in] parameters. Neither the GPTQ layout nor bitsandbytes replaces them, so only
+    the attention would be quantized while the output claims a quantized model.
+    """
+    prefix, layers = decoder_layers(model)
+    fused = [(f"{prefix}.{n}", list(p.shape)) for n, p in layers.named_parameters() if p.dim() > 2]
+    if fused:
+        name, shape = fused[0]
+        raise UserError(f"--method {method} cannot quantize this model: {len(fused)} of its decoder weights are "
+                        f"fused tensors, not Linear layers (e.g. {name} {shape}: mixture-of-experts experts), "
+                        "and would stay in full precision while the rest is quantized",
+                        hint="llmopt quantizes dense models; MoE experts are not supported")
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -288,7 +310,7 @@ def quantize_layers(model: torch.nn.Module, solve: Solver, *, windows: torch.Ten
         home = next(layer.parameters()).device
         layer.to(device)
         linears = _linears(layer)
-        names = [n for n in linears if not skipped(f"{prefix}.{i}.{n}", skip)]
+        names = [n for n in linears if not skip_matches(f"{prefix}.{i}.{n}", skip)]
         if inputs is None:
             stages = [names]
         elif true_sequential:
