@@ -1,12 +1,15 @@
 """bitsandbytes LLM.int8 / NF4 / FP4 on SmolLM2-135M against float32: quality, size and speed, side by side.
 
-Each method is produced by `llmopt quantize` (the library call behind it), then every output and the
-float32 baseline go through `llmopt bench` in ONE process: perplexity on the first WINDOWS x SEQ_LEN
+Each method is produced by `llmopt quantize` (the library call behind it) with its defaults; the
+GPTQ-layout methods (`gptq`, `rtn`, `int8`) can join with --methods, calibrated on --nsamples x
+--calib-seq-len tokens of wiki.valid.raw (seed 0). Every output and the float32 baseline then go
+through `llmopt bench` in ONE process: perplexity on the first WINDOWS x SEQ_LEN
 tokens of wiki.test.raw, KL and top-1 agreement vs the baseline, and decode / prefill speed in
 interleaved rounds (ratios taken round by round, so shared-machine noise hits every model alike).
 
     export OMP_WAIT_POLICY=passive LLMOPT_DATA=/work/shared/data/wikitext-2-raw
     python benchmarks/bnb_smollm2.py                       # the numbers in docs/bitsandbytes.md
+    python benchmarks/bnb_smollm2.py --methods llm-int8,nf4,gptq --nsamples 32 --calib-seq-len 512   # GPTQ alongside
     python benchmarks/bnb_smollm2.py --extra out/smollm2-gptq4   # add any other output to the same table
     python benchmarks/bnb_smollm2.py --windows 2 --seq-len 256 --repeats 1 --gen-len 16   # smoke test
 """
@@ -24,6 +27,7 @@ from pathlib import Path
 
 from llmopt.bench.run import BenchOptions, bench
 from llmopt.quantize import QuantizeOptions, quantize
+from llmopt.quantize.options import GPTQ_METHODS
 
 BAR_INT8_PCT = 1.0
 
@@ -31,7 +35,10 @@ BAR_INT8_PCT = 1.0
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", default="llm-int8,nf4,fp4", help="comma-separated bitsandbytes methods")
+    ap.add_argument("--methods", default="llm-int8,nf4,fp4",
+                    help="comma-separated `llmopt quantize --method` values, each with its defaults")
+    ap.add_argument("--nsamples", type=int, default=32, help="calibration windows for gptq")
+    ap.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window for gptq")
     ap.add_argument("--extra", action="append", default=[], help="another model/output to bench alongside")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -49,11 +56,13 @@ def main() -> int:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="llmopt-bnb-"))
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
-          f"{os.cpu_count()} CPU cores, outputs in {work}", flush=True)
+          f"{os.cpu_count()} CPU cores, outputs in {work}; python {' '.join(sys.argv)}", flush=True)
     made = {}
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         out = work / f"{args.model}-{method}"
         extra = {"threshold": args.threshold} if method == "llm-int8" else {}
+        if method in GPTQ_METHODS:
+            extra = {"calib": "wikitext2", "nsamples": args.nsamples, "seq_len": args.calib_seq_len, "seed": 0}
         summary = quantize(QuantizeOptions(model=args.model, output=str(out), method=method, device="cpu",
                                            force=True, **extra))
         made[method] = summary

@@ -7,8 +7,12 @@ against the floor of two plain forward passes of the same calibration tokens.
 Calibration: --nsamples random windows of --seq-len tokens from wiki.valid.raw (seed 0).
 Evaluation: the first --windows non-overlapping 2048-token windows of wiki.test.raw, scored with
 llmopt.bench.quality.perplexity on the model as `llmopt.models.load_model` loads the checkpoint
-(llmopt's runtime: int4/int8 kernels on CPU). Variants run in priority order and each result line
-is printed as soon as it exists, so an interrupted run still reports what it measured.
+(llmopt's runtime: int4/int8 kernels on CPU). Each result line is printed as soon as it exists, so
+an interrupted run still reports what it measured; a Markdown table and the JSON come last.
+
+Labels: an unqualified "GPTQ ..." is today's defaults (act-order with static groups, range search);
+"no-act-order" / "no-mse" name what is switched off, "RTN ... mse" what is switched on. Without
+--only every variant runs.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,18 +32,25 @@ from llmopt.data import text_windows
 from llmopt.models import load_model
 from llmopt.quantize import QuantizeOptions, quantize
 
-VARIANTS = [  # (label, method, bits, group_size, desc_act)
-    ("RTN w4 g128", "rtn", 4, 128, False),
-    ("GPTQ w4 g128", "gptq", 4, 128, False),
-    ("RTN w3 g128", "rtn", 3, 128, False),
-    ("GPTQ w3 g128", "gptq", 3, 128, False),
-    ("GPTQ w4 g128 desc-act", "gptq", 4, 128, True),
-    ("RTN w4 per-channel", "rtn", 4, -1, False),
-    ("GPTQ w4 per-channel", "gptq", 4, -1, False),
-    ("GPTQ w4 per-channel desc-act", "gptq", 4, -1, True),
-    ("GPTQ w3 g128 desc-act", "gptq", 3, 128, True),
-    ("int8 per-channel", "int8", 8, -1, False),
-]
+# label -> (QuantizeOptions overrides, label of the RTN row its perplexity increase is compared with).
+# Every variant names act-order (desc_act) and the range search (mse) explicitly, so a label keeps
+# its meaning when a default changes. The unqualified "GPTQ w4 g128" etc. are today's defaults.
+W4, W3, PC = dict(bits=4, group_size=128), dict(bits=3, group_size=128), dict(bits=4, group_size=-1)
+RTN, GPTQ = dict(method="rtn", desc_act=False), dict(method="gptq")
+VARIANTS: dict[str, tuple[dict, str | None]] = {
+    "RTN w4 g128": ({**RTN, **W4, "mse": False}, "RTN w4 g128"),
+    "RTN w4 g128 mse": ({**RTN, **W4, "mse": True}, "RTN w4 g128"),
+    "GPTQ w4 g128 no-act-order no-mse": ({**GPTQ, **W4, "desc_act": False, "mse": False}, "RTN w4 g128"),
+    "GPTQ w4 g128 no-act-order": ({**GPTQ, **W4, "desc_act": False, "mse": True}, "RTN w4 g128"),
+    "GPTQ w4 g128 no-mse": ({**GPTQ, **W4, "desc_act": True, "mse": False}, "RTN w4 g128"),
+    "GPTQ w4 g128": ({**GPTQ, **W4, "desc_act": True, "mse": True}, "RTN w4 g128"),
+    "RTN w3 g128": ({**RTN, **W3, "mse": False}, "RTN w3 g128"),
+    "GPTQ w3 g128": ({**GPTQ, **W3, "desc_act": True, "mse": True}, "RTN w3 g128"),
+    "RTN w4 per-channel": ({**RTN, **PC, "mse": False}, "RTN w4 per-channel"),
+    "GPTQ w4 per-channel no-act-order": ({**GPTQ, **PC, "desc_act": False, "mse": True}, "RTN w4 per-channel"),
+    "GPTQ w4 per-channel": ({**GPTQ, **PC, "desc_act": True, "mse": True}, "RTN w4 per-channel"),
+    "int8 per-channel": (dict(method="int8", desc_act=False, mse=False), None),
+}
 
 
 @torch.inference_mode()
@@ -51,13 +63,55 @@ def two_forward_passes(model, windows: torch.Tensor) -> float:
     return time.perf_counter() - t
 
 
+def run_variant(label: str, args, work: Path, evals: torch.Tensor, results: dict) -> None:
+    """Quantize one variant, load it back through llmopt's runtime, score it; print one line."""
+    overrides, _ = VARIANTS[label]
+    out = work / label.replace(" ", "_")
+    opts = QuantizeOptions(model=args.model, output=str(out), calib="wikitext2", nsamples=args.nsamples,
+                           seq_len=args.seq_len, seed=0, device="cpu", force=True, **overrides)
+    t = time.perf_counter()
+    summary = quantize(opts)
+    qtime = time.perf_counter() - t
+    loaded = load_model(str(out), device="cpu")
+    t = time.perf_counter()
+    ppl = perplexity(loaded.model, evals)
+    ppl0 = results["baseline"]
+    line = (f"{label}: ppl {ppl:.3f} (+{ppl - ppl0:.3f}), quantize {qtime:.1f}s "
+            f"(layers {summary['quantize_s']:.1f}s), mean layer error {summary['mean_error']:.5f}, "
+            f"quantized bytes {summary['quantized_bytes_vs_bf16']:.3f}x bf16, eval {time.perf_counter() - t:.0f}s")
+    if overrides["method"] == "gptq" and "floor_s" in results:
+        line += f"; layer-by-layer time / floor = {summary['quantize_s'] / results['floor_s']:.2f}"
+    print(line, flush=True)
+    results[label] = {"ppl": ppl, "quantize_s": qtime, "layers_s": summary["quantize_s"],
+                      "mean_error": summary["mean_error"], "bytes_vs_bf16": summary["quantized_bytes_vs_bf16"]}
+    del loaded
+    if not args.out:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def markdown(results: dict) -> str:
+    """The docs' table: perplexity, its increase, and the increase as a multiple of its RTN row's."""
+    ppl0 = results["baseline"]
+    lines = ["| variant | perplexity | increase | increase vs RTN's |", "| --- | --- | --- | --- |"]
+    for label, (_, ref) in VARIANTS.items():
+        if label not in results:
+            continue
+        r = results[label]
+        vs = ""
+        if ref in results:
+            vs = f"{(r['ppl'] - ppl0) / (results[ref]['ppl'] - ppl0):.2f}"
+        lines.append(f"| {label} | {r['ppl']:.3f} | +{r['ppl'] - ppl0:.3f} | {vs} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--only", nargs="*", help="labels to run (default: all)")
+    ap.add_argument("--only", nargs="*", choices=list(VARIANTS), metavar="LABEL",
+                    help="labels to run (default: all, in this order: " + "; ".join(VARIANTS) + ")")
     ap.add_argument("--no-floor", action="store_true", help="skip the two-forward-pass timing")
     ap.add_argument("--out", default=None, help="where checkpoints go (default: a temp dir, deleted)")
     args = ap.parse_args()
@@ -66,11 +120,13 @@ def main() -> None:
     base = load_model(args.model, device="cpu")
     evals, desc = text_windows(base.tokenizer, "wikitext2", "eval", 2048, max_windows=args.windows)
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; eval {len(evals)} x 2048 tokens of {desc}", flush=True)
+          f"{torch.get_num_threads()} threads; python {' '.join(sys.argv)}", flush=True)
+    print(f"# eval {len(evals)} x 2048 tokens of {desc}; calibration {args.nsamples} x {args.seq_len}", flush=True)
     t = time.perf_counter()
     ppl0 = perplexity(base.model, evals)
-    print(f"baseline fp32: ppl {ppl0:.3f} ({time.perf_counter() - t:.0f}s)", flush=True)
-    results = {"baseline": ppl0}
+    dtype = next(base.model.parameters()).dtype
+    print(f"baseline {str(dtype).removeprefix('torch.')}: ppl {ppl0:.3f} ({time.perf_counter() - t:.0f}s)", flush=True)
+    results: dict = {"baseline": ppl0}
 
     if not args.no_floor:
         calib, _ = text_windows(base.tokenizer, "wikitext2", "calib", args.seq_len, nsamples=args.nsamples, seed=0)
@@ -79,36 +135,9 @@ def main() -> None:
         results["floor_s"] = floor
     del base
 
-    for label, method, bits, group, desc_act in VARIANTS:
-        if args.only and label not in args.only:
-            continue
-        out = work / label.replace(" ", "_")
-        opts = QuantizeOptions(model=args.model, output=str(out), method=method, bits=bits, group_size=group,
-                               desc_act=desc_act, calib="wikitext2", nsamples=args.nsamples, seq_len=args.seq_len,
-                               seed=0, device="cpu", force=True)
-        t = time.perf_counter()
-        summary = quantize(opts)
-        qtime = time.perf_counter() - t
-        loaded = load_model(str(out), device="cpu")
-        t = time.perf_counter()
-        ppl = perplexity(loaded.model, evals)
-        line = (f"{label}: ppl {ppl:.3f} (+{ppl - ppl0:.3f}), quantize {qtime:.1f}s "
-                f"(layers {summary['quantize_s']:.1f}s), mean layer error {summary['mean_error']:.5f}, "
-                f"quantized bytes {summary['quantized_bytes_vs_bf16']:.3f}x bf16, eval {time.perf_counter() - t:.0f}s")
-        if method == "gptq" and "floor_s" in results:
-            line += f"; layer-by-layer time / floor = {summary['quantize_s'] / results['floor_s']:.2f}"
-        print(line, flush=True)
-        results[label] = {"ppl": ppl, "quantize_s": qtime, "layers_s": summary["quantize_s"],
-                          "mean_error": summary["mean_error"], "bytes_vs_bf16": summary["quantized_bytes_vs_bf16"]}
-        del loaded
-        if not args.out:
-            shutil.rmtree(out, ignore_errors=True)
-    for label in results:
-        if isinstance(results[label], dict) and label.startswith("GPTQ"):
-            rtn = results.get(label.replace("GPTQ", "RTN").replace(" desc-act", ""))
-            if rtn:
-                ratio = (results[label]["ppl"] - ppl0) / (rtn["ppl"] - ppl0)
-                print(f"{label}: ppl increase = {ratio:.2f} x RTN's", flush=True)
+    for label in args.only or VARIANTS:
+        run_variant(label, args, work, evals, results)
+    print(markdown(results))
     print(json.dumps(results, indent=1))
     if not args.out:
         shutil.rmtree(work, ignore_errors=True)

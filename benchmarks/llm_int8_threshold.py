@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,8 +34,10 @@ def main() -> None:
 
     base = load_model(args.model, device="cpu")
     evals, desc = text_windows(base.tokenizer, "wikitext2", "eval", 2048, max_windows=args.windows)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; python {' '.join(sys.argv)}", flush=True)
     ppl0 = perplexity(base.model, evals)
-    print(f"float32: ppl {ppl0:.3f} ({len(evals)} x 2048 tokens of {desc})", flush=True)
+    dtype = str(next(base.model.parameters()).dtype).removeprefix("torch.")
+    print(f"{dtype}: ppl {ppl0:.3f} ({len(evals)} x 2048 tokens of {desc})", flush=True)
     del base
     work = Path(tempfile.mkdtemp(prefix="int8-threshold-"))
     try:
