@@ -15,24 +15,35 @@ step starts, so a typo in step 3 does not cost the hour spent in step 2.
       - quantize: {bits: 4}
       - bench: {}                # models = base + every stage output, baseline = base
 
-Resume: a step whose output exists and whose recorded `parameters` (its llmopt.json) equal the
-planned ones is skipped, unless a step it reads from runs again, then it reruns too. An existing
-output with other parameters (or not written by llmopt) is never overwritten: the plan stops
-before anything runs and asks for `--force`.
+Step names are plain names (they become OUT/<name>), and no output may be `out` itself, contain it,
+nest with another step's output, or replace an input, the recipe or the current folder; every
+output that will be written is probed for writability before step 1.
+
+Resume: a step whose output exists, whose recorded `parameters` (its llmopt.json) equal the planned
+ones and whose recorded input fingerprints (`recipe_inputs`, added by the runner after the step)
+match its inputs now is skipped. It reruns, over its own output, when a step it reads from runs
+again, when an input changed, or when no fingerprint was recorded. An existing output with other
+parameters (or not written by llmopt) is never overwritten: the plan stops before anything runs and
+asks for `--force`.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
 import json
+import os
+import re
+import time
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from llmopt.checkpoint import _jsonable, atomic_output, provenance, read_provenance, write_provenance
+from llmopt import checkpoint
+from llmopt.checkpoint import PROVENANCE, _jsonable, atomic_output, provenance, read_provenance, write_provenance
 from llmopt.errors import UserError
 from llmopt.progress import SILENT, Progress
 
@@ -45,6 +56,12 @@ MODEL_FIELDS = ("model", "student", "teacher", "models", "baseline")
 # Recorded parameters that do not change what a step produces.
 IGNORED_PARAMETERS = ("force", "output")
 BENCH_REPORT = "report.json"
+# A step name is its output folder OUT/<name> and a --set prefix: no separators, dots or spaces.
+PLAIN_NAME = re.compile(r"\w[\w-]*")
+# The llmopt.json key where the runner records the fingerprints of what a finished step read.
+INPUTS_KEY = "recipe_inputs"
+# The files of a model directory that decide what a step makes of it: config, weights, tokenizer.
+MODEL_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja", ".gguf")
 
 
 @dataclass(frozen=True)
@@ -228,7 +245,7 @@ def _entry_by_name(steps: list, name: str, key: str, source: str) -> dict:
         if len(kinds) == 1:
             matches = kinds
     if len(matches) != 1:
-        hint = f"step names in {source}: {', '.join(n for n in names if n)}; or use steps.N.key"
+        hint = f"step names in {source}: {', '.join(str(n) for n in names if n)}; or use steps.N.key"
         raise UserError(f"--set {key}: no step named '{name}'", hint=hint)
     return matches[0]
 
@@ -246,9 +263,9 @@ def _kind_key(entry: dict, where: str) -> str:
     return kind
 
 
-def _step_names(steps: list) -> list[str | None]:
-    """Each step's name: its `name`, else its kind, with -2, -3 ... for repeated kinds."""
-    names: list[str | None] = []
+def _step_names(steps: list) -> list[Any]:
+    """Each step's name: its `name` as written (checked later), else its kind, with -2, -3 ... for repeats."""
+    names: list[Any] = []
     seen: dict[str, int] = {}
     for entry in steps:
         if not isinstance(entry, dict):
@@ -256,7 +273,7 @@ def _step_names(steps: list) -> list[str | None]:
             continue
         kinds = [k for k in entry if k != "name"]
         if "name" in entry:
-            names.append(str(entry["name"]))
+            names.append(entry["name"])
             continue
         kind = str(kinds[0]) if len(kinds) == 1 else None
         if kind is None:
@@ -392,7 +409,10 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), force: b
     model = data.get("model")
     if not model or not isinstance(model, str):
         raise UserError(f"{src}: no model", hint="add model: DIR | hub id | alias, or pass --set model=...")
-    resolve(model)   # a missing directory or an unknown alias fails here, before any step
+    try:
+        resolve(model)   # a missing directory or an unknown alias fails here, before any step
+    except UserError as e:
+        raise UserError(f"{src}: {e.args[0]}", hint=e.hint) from e
     out = data.get("out")
     if not out or not isinstance(out, str):
         raise UserError(f"{src}: no out directory", hint="add out: DIR, or pass --set out=DIR")
@@ -413,16 +433,32 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), force: b
         written = entry[kind.name] if entry[kind.name] is not None else {}
         if not isinstance(written, dict):
             raise UserError(f"{where} ({name}): the options of {kind.name} must be a mapping, got {written!r}")
-        if name in (BASE,) or name in [s.name for s in steps] or "." in name or "/" in name:
-            raise UserError(f"{where}: step name '{name}' is reserved, repeated or has '.' or '/'",
-                            hint="give each step a unique plain name")
+        _check_name(name, [s.name for s in steps], where)
         steps.append(Step(index=i, name=name, kind=kind, written=dict(written)))
 
     recipe = Recipe(path=path, model=model, out=Path(out).expanduser(), steps=steps, force=force,
                     overrides=list(overrides))
     _resolve_steps(recipe, data, src)
+    _check_outputs(recipe, src)
     _decide(recipe)
+    for step in recipe.steps:
+        if step.status == "run":   # a read-only or missing place fails now, not after the steps before it
+            try:
+                checkpoint.check_writable(step.output)
+            except UserError as e:
+                raise UserError(f"{src}: {step.where}: {e.args[0]}", hint=e.hint) from e
     return recipe
+
+
+def _check_name(name: Any, taken: list[str], where: str) -> None:
+    """A step name becomes OUT/<name>: "", "..", "a/b" or "/x" would put the output elsewhere."""
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
+        raise UserError(f"{where}: step name {name!r} must be a plain name (letters, digits, '_' and '-', "
+                        "not starting with '-'): it names the output folder OUT/<name>",
+                        hint="e.g. name: quantize-4bit; to write elsewhere set the step's output option")
+    if name == BASE or name in taken:
+        raise UserError(f"{where}: step name '{name}' is " + ("reserved" if name == BASE else "repeated"),
+                        hint="give each step a unique plain name")
 
 
 def _resolve_steps(recipe: Recipe, data: dict, src: str) -> None:
@@ -459,7 +495,10 @@ def _resolve_steps(recipe: Recipe, data: dict, src: str) -> None:
             if later:
                 raise UserError(f"{where}: option '{key}' refers to step '{value}', which does not come "
                                 f"before it or produces no model")
-            resolve(value)   # a path that does not exist, or an unknown alias
+            try:
+                resolve(value)   # a path that does not exist, or an unknown alias
+            except UserError as e:
+                raise UserError(f"{where}: option '{key}': {e.args[0]}", hint=e.hint) from e
             return value
 
         for key in MODEL_FIELDS:
@@ -504,10 +543,6 @@ def _resolve_steps(recipe: Recipe, data: dict, src: str) -> None:
             step.label = step.kind.stage if step.name == default_name and n == 1 else step.name
             produced[step.name] = step
             previous = str(step.output)
-    outputs = [str(s.output.absolute()) for s in recipe.steps]
-    dup = next((o for o in outputs if outputs.count(o) > 1), None)
-    if dup:
-        raise UserError(f"{src}: two steps write to {dup}", hint="give them different names or outputs")
 
 
 def _as_if_inputs_exist(options: Any, produced: dict[str, Step], base: str) -> Any:
@@ -523,6 +558,55 @@ def _as_if_inputs_exist(options: Any, produced: dict[str, Step], base: str) -> A
 
     names = _field_names(type(options))
     return replace(options, **{k: swap(getattr(options, k)) for k in MODEL_FIELDS if k in names})
+
+
+def _real(path: str | Path) -> Path:
+    """An absolute path with `..` and symlinks worked out, whether or not it exists."""
+    return Path(path).expanduser().resolve()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return folder in path.parents
+
+
+def _guarded(recipe: Recipe) -> list[tuple[Path, str]]:
+    """What no output may replace: the recipe, the current folder and every existing path a step reads."""
+    outputs = {_real(s.output) for s in recipe.steps}
+    guarded = [(_real(recipe.path), f"the recipe {recipe.path}"), (Path.cwd().resolve(), "the current folder"),
+               (_real(recipe.model), f"the base model {recipe.model}")]
+    for step in recipe.steps:
+        for key, value in _jsonable(step.options).items():
+            for v in value if isinstance(value, list) else [value]:
+                if key != "output" and isinstance(v, str) and v.strip() and Path(v).expanduser().exists() \
+                        and _real(v) not in outputs:
+                    guarded.append((_real(v), f"{v}, which {step.where} reads as {key}"))
+    return guarded
+
+
+def _check_outputs(recipe: Recipe, src: str) -> None:
+    """Each output is a folder of its own inside nothing it could destroy: replacing it (on rerun or
+    --force) must never take `out`, another step's output, an input, the recipe or the current folder."""
+    top = _real(recipe.out)
+    guarded = _guarded(recipe)
+    done: list[tuple[Step, Path]] = []
+    hint = "give the step its own output, e.g. remove its output option to write OUT/<step name>"
+    for step in recipe.steps:
+        path = _real(step.output)
+        where = f"{src}: {step.where}: output {step.output}"
+        if path == top or _inside(top, path):
+            what = "is the recipe's out folder" if path == top else f"contains the recipe's out {recipe.out}"
+            raise UserError(f"{where} {what}; a step writes one folder inside it", hint=hint)
+        for other, other_path in done:
+            if path == other_path:
+                raise UserError(f"{src}: two steps write to {step.output}: {other.where} and {step.where}",
+                                hint="give them different names or outputs")
+            if _inside(other_path, path) or _inside(path, other_path):
+                how = "contains" if _inside(other_path, path) else "is inside"
+                raise UserError(f"{where} {how} {other.where}'s output {other.output}", hint=hint)
+        for guard, what in guarded:
+            if path == guard or _inside(guard, path):
+                raise UserError(f"{where} would replace {what}", hint=hint)
+        done.append((step, path))
 
 
 def planned_parameters(step: Step) -> dict:
@@ -548,6 +632,79 @@ def parameter_differences(step: Step) -> list[str] | None:
     return diffs or None
 
 
+def _model_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in MODEL_SUFFIXES
+                  and f.name != PROVENANCE and not f.name.startswith("."))
+
+
+_FINGERPRINTS: dict[tuple, str] = {}   # stat signature -> fingerprint, for files unchanged since hashed
+
+
+def fingerprint(spec: str) -> str:
+    """sha256 over a local model's config, weight and tokenizer files (names, sizes, contents): what a
+    step consumed. A hub id or alias is its name. About 1 s per GB; unchanged files are hashed once
+    per process (a file modified in the last 2 s is hashed every time: its timestamp cannot tell)."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return f"name:{spec}"
+    stats = [(f, f.stat()) for f in _model_files(path)]
+    key = tuple((str(f.absolute()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for f, st in stats)
+    if key in _FINGERPRINTS:
+        return _FINGERPRINTS[key]
+    total = hashlib.sha256()
+    for f, st in stats:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        total.update(f"{f.name}\0{st.st_size}\0{h.hexdigest()}\n".encode())
+    digest = "sha256:" + total.hexdigest()
+    if stats and time.time_ns() - max(st.st_mtime_ns for _, st in stats) > 2_000_000_000:
+        _FINGERPRINTS[key] = digest
+    return digest
+
+
+def input_fingerprints(step: Step) -> list[dict]:
+    """[{option, model, fingerprint}] for every model the step reads, in option order."""
+    names = _field_names(type(step.options))
+    out = []
+    for key in (k for k in MODEL_FIELDS if k in names):
+        value = getattr(step.options, key)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None:
+                out.append({"option": key, "model": str(v), "fingerprint": fingerprint(str(v))})
+    return out
+
+
+def input_changes(recipe: Recipe, step: Step) -> str | None:
+    """None when the output records the same input fingerprints as the inputs have now; else the reason to rerun."""
+    recorded = (read_provenance(step.output) or {}).get(INPUTS_KEY)
+    if not isinstance(recorded, list):
+        return "no input fingerprint recorded, so rerun rather than trust it was made from these inputs"
+    before = {(r.get("option"), r.get("model")): r.get("fingerprint") for r in recorded if isinstance(r, dict)}
+    now = input_fingerprints(step)
+    changed = [r["model"] for r in now if before.get((r["option"], r["model"])) != r["fingerprint"]]
+    if not changed and len(before) == len(now):
+        return None
+    names = {str(s.output): s.name for s in recipe.steps}
+    names[recipe.model] = BASE
+    return f"input changed ({', '.join(dict.fromkeys(names.get(m, m) for m in changed)) or 'models read'})"
+
+
+def _record_inputs(output: Path, consumed: list[dict]) -> None:
+    """Add what the step read to its llmopt.json (replaced atomically: an interruption leaves no record,
+    and an output without one is rerun)."""
+    record = read_provenance(output)
+    if record is None:
+        return
+    record[INPUTS_KEY] = consumed
+    tmp = output / f".{PROVENANCE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, output / PROVENANCE)
+
+
 def _decide(recipe: Recipe) -> None:
     """Mark each step run or skip; refuse (before anything runs) to overwrite a foreign or changed output."""
     running: set[str] = set()
@@ -564,11 +721,14 @@ def _decide(recipe: Recipe) -> None:
                 raise UserError(f"{recipe.path}: {step.where}: {step.output} exists but {why}",
                                 hint="pass --force to rerun every step, or remove that directory")
             stale = [n for n in step.inputs if n in running]
+            changed = None if stale else input_changes(recipe, step)
             if stale:   # our own earlier result, built from an input that is being rebuilt
                 step.status, step.reason = "run", f"input rebuilt ({', '.join(stale)})"
-                step.overwrite = True
+            elif changed:   # our own earlier result, built from other inputs than the ones there now
+                step.status, step.reason = "run", changed
             else:
                 step.status, step.reason = "skip", "done"
+            step.overwrite = step.status == "run"
         if step.status == "run":
             running.add(step.name)
 
@@ -589,7 +749,9 @@ def run(recipe: Recipe, progress: Progress = SILENT, on_step=None) -> dict:
             overwrite = recipe.force or step.overwrite
             opts = replace(step.options, force=True) if overwrite and hasattr(step.options, "force") \
                 else step.options
+            consumed = input_fingerprints(step)
             summary = _run_step(step, func, opts, recipe, progress)
+            _record_inputs(step.output, consumed)
         results[step.name] = summary
         if step.kind.name == "bench":
             report = summary

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from llmopt.checkpoint import atomic_output, check_output, provenance, write_provenance
-from llmopt.data import load_text, resolve_auto, tokenize
+from llmopt.data import NAMED_SOURCES, load_text, resolve_auto, tokenize
 from llmopt.distill.losses import LOSSES
 from llmopt.distill.loop import LoopConfig, train
 from llmopt.errors import UserError, require
@@ -75,6 +76,10 @@ class DistillOptions:
                 f"--max-minutes must be positive, got {self.max_minutes}")
         parse_device(self.device)
         parse_dtype(self.dtype, torch.device("cpu"))
+        data = resolve_auto(self.data, self.data_dir).strip()
+        require(data.lower() in NAMED_SOURCES or Path(data).expanduser().exists(),
+                f"--data {data} is neither a file nor one of {', '.join(NAMED_SOURCES)}",
+                "pass a .txt/.jsonl file, a folder with wiki.*.raw, or a named source")
 
 
 # --------------------------------------------------------------------------- checks before loading weights

@@ -18,14 +18,15 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from llmopt.checkpoint import check_output, provenance, save_pretrained
-from llmopt.data import data_dir, text_windows
+from llmopt.data import NAMED_SOURCES, data_dir, resolve_auto, text_windows
 from llmopt.errors import UserError, require
 from llmopt.info import count_parameters, embedding_parameters
-from llmopt.models import load_model, local_dir, quant_method, read_config
+from llmopt.models import load_model, local_dir, parse_device, parse_dtype, quant_method, read_config, resolve
 from llmopt.progress import SILENT, Progress
 from llmopt.prune import importance as imp
 from llmopt.prune import slicing
@@ -68,6 +69,13 @@ class PruneOptions:
         self.split_share()
         require(self.layers.strip().lower() == "all" or _parse_layers(self.layers, 10**6) is not None,
                 f"invalid --layers '{self.layers}'", "use all or a Python slice such as 1:-1")
+        parse_dtype(self.dtype, parse_device(self.device))
+        calib = resolve_auto(self.calib, self.data_dir).strip()
+        require(calib.lower() in NAMED_SOURCES or Path(calib).expanduser().exists(),
+                f"--calib {calib} is neither a file nor one of {', '.join(NAMED_SOURCES)}",
+                "pass a .txt/.jsonl file, a folder with wiki.*.raw, or a named source")
+        if (Path(self.model).expanduser() / "config.json").is_file():
+            plan(_config_of(resolve(self.model)), self)   # --ratio and --layers against this model's widths
 
     def split_share(self) -> float | None:
         """None for auto, else the share of the removed parameters to take from attention."""
