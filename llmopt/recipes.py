@@ -705,11 +705,21 @@ def _record_inputs(output: Path, consumed: list[dict]) -> None:
     os.replace(tmp, output / PROVENANCE)
 
 
+def _check_replaceable(recipe: Recipe, step: Step) -> None:
+    """--force replaces only an earlier llmopt output or an empty folder (as every command's own check
+    does when the step starts): refuse anything else now, before the steps ahead of it run."""
+    path = step.output
+    if os.path.lexists(path) and not (path.is_dir() and ((path / PROVENANCE).is_file() or not any(path.iterdir()))):
+        raise UserError(f"{recipe.path}: {step.where}: {path} exists and is not an earlier llmopt output, "
+                        "which is all --force replaces", hint="move it away, or choose another out or output")
+
+
 def _decide(recipe: Recipe) -> None:
     """Mark each step run or skip; refuse (before anything runs) to overwrite a foreign or changed output."""
     running: set[str] = set()
     for step in recipe.steps:
         if recipe.force:
+            _check_replaceable(recipe, step)
             step.status, step.reason = "run", "--force" if step.output.exists() else "new"
         elif not step.output.exists():
             step.status, step.reason = "run", "new"

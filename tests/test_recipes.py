@@ -457,6 +457,17 @@ def test_prune_checks_that_need_the_config_fail_at_dry_run(tiny_model_dir, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_force_stops_before_step_1_when_a_later_output_is_a_foreign_folder(tmp_path, base, fake_steps, cli):
+    (tmp_path / "out" / "copy-2").mkdir(parents=True)
+    (tmp_path / "out" / "copy-2" / "precious.txt").write_text("mine")
+    r = write(tmp_path, f"model: {base}\nout: {tmp_path}/out\nsteps:\n  - copy: {{}}\n  - copy: {{}}\n")
+    code, out, err = cli("run", r, "--force", "--dry-run")
+    assert code == 2 and "step 2 (copy-2)" in err and "not an earlier llmopt output" in err
+    code, out, err = cli("run", r, "--force")
+    assert code == 2 and fake_steps == [] and not (tmp_path / "out" / "copy").exists()
+    assert (tmp_path / "out" / "copy-2" / "precious.txt").read_text() == "mine"
+
+
 # --------------------------------------------------------------------------- shipped recipes
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])

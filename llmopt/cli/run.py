@@ -37,8 +37,9 @@ def run_recipe(
     the command of the same name, with the same defaults.
 
     The whole recipe is validated before the first step runs. A step whose output exists with the same
-    recorded parameters is skipped, so an interrupted recipe resumes where it stopped; an output with
-    other parameters stops the run before it starts (use --force). At the end: one table with a row per
+    recorded parameters and inputs is skipped, so an interrupted recipe resumes where it stopped; one
+    whose inputs changed reruns; an output with other parameters stops the run before it starts
+    (use --force). At the end: one table with a row per
     stage (base, pruned, distilled, quantized) when the recipe has a bench step.
     """
     plan = recipes.load(recipe, set_ or [], force=force)
