@@ -12,16 +12,24 @@ Sources (the `--calib`, `--ppl-data` and `--data` values):
   quarters, evaluation the last quarter.
 - `auto` (the default everywhere): wikitext2 when a data directory holding `wiki.test.raw` is
   configured, else builtin. Reports record which source was actually read.
-- a path to a `.txt`/`.raw` file (used as is) or a `.jsonl` file (its `"text"` fields).
+- a path to a `.jsonl` file (its `"text"` fields joined with "\\n\\n"), a WikiText `.raw` file
+  (named `wiki.*.raw`, or WikiText by its content: read exactly as `wikitext2` reads it, so the same
+  file gives the same numbers both ways), or any other text file (used as is).
 
 Evaluation follows the GPTQ paper's convention: the split's rows joined with "\\n\\n", tokenized
-once, cut into non-overlapping windows.
+once, cut into non-overlapping windows. Windows start with the BOS token when the model's tokenizer
+puts one first by itself (Gemma does, SmolLM2 does not), as llama.cpp's perplexity does: the model
+was trained to see it and scores worse without it. A BOS window keeps `seq_len` tokens (BOS and
+seq_len - 1 text tokens), and the prediction made from the BOS alone is not scored, so every window
+scores the text tokens after its first, with or without BOS. `load_windows` also counts the UTF-8
+bytes of the text the scored tokens cover, for bits per byte (comparable across tokenizers).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +106,20 @@ def _builtin(split: str) -> Text:
     return Text("\n\n".join(topics[k] for k in chosen), f"builtin:pydoc_data.topics ({part} of {len(keys)} topics)")
 
 
+WIKITEXT_NAME = re.compile(r"wiki\.[A-Za-z0-9_-]+\.raw")
+_WIKITEXT_HEADING = re.compile(r" = [^=\n].* = ")
+_WIKITEXT_MARKERS = (" @-@ ", " @,@ ", " @.@ ")
+
+
+def is_wikitext_raw(path: Path, raw: str) -> bool:
+    """A WikiText .raw file: named wiki.*.raw, or its first non-blank line a ` = Title = ` heading and
+    the text holding WikiText's ` @-@ ` style markers."""
+    if WIKITEXT_NAME.fullmatch(path.name):
+        return True
+    first = next((line for line in raw[:10_000].splitlines() if line.strip()), "")
+    return bool(_WIKITEXT_HEADING.fullmatch(first)) and any(m in raw for m in _WIKITEXT_MARKERS)
+
+
 def _file(path: Path) -> Text:
     if path.suffix.lower() in (".jsonl", ".json"):
         rows = []
@@ -110,7 +132,11 @@ def _file(path: Path) -> Text:
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise UserError(f"{path}:{n}: expected one JSON object with a \"text\" field per line") from e
         return Text("\n\n".join(rows), f"file:{path} (jsonl text fields joined with \\n\\n)")
-    return Text(path.read_text(encoding="utf-8", errors="replace"), f"file:{path}")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if is_wikitext_raw(path, raw):
+        return Text("\n\n".join(_wikitext_rows_from_raw(raw)),
+                    f"wikitext2-format file:{path} (WikiText .raw: rows joined with \\n\\n, as wikitext2 reads it)")
+    return Text(raw, f"file:{path} (plain text, read as is)")
 
 
 def resolve_auto(source: str, directory: str | Path | None = None) -> str:
@@ -148,6 +174,78 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+@dataclass
+class Corpus:
+    """A text tokenized once, and where each token ends in the text's UTF-8 bytes (for bits per byte)."""
+
+    ids: torch.Tensor                 # [N]
+    byte_ends: torch.Tensor | None    # [N] int64; None when the tokenizer gives no usable offsets
+
+
+def _byte_ends(text: str, char_ends: list[int]) -> torch.Tensor | None:
+    """Character offsets to UTF-8 byte offsets; None unless they are ordered and cover the text."""
+    try:
+        points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
+    except UnicodeEncodeError:
+        return None
+    width = 1 + (points >= 0x80).long() + (points >= 0x800).long() + (points >= 0x10000).long()
+    prefix = torch.cat([torch.zeros(1, dtype=torch.long), width.cumsum(0)])
+    ends = torch.tensor(char_ends, dtype=torch.long)
+    if ends.numel() == 0 or ends.max() > len(text) or bool((ends[1:] < ends[:-1]).any()):
+        return None
+    if int(ends[-1]) < len(text.rstrip()):
+        return None
+    return prefix[ends]
+
+
+def tokenize_corpus(tokenizer, text: str) -> Corpus:
+    """`tokenize`, plus the byte offsets of the fast tokenizers' offset mapping."""
+    if not getattr(tokenizer, "is_fast", False):
+        return Corpus(tokenize(tokenizer, text), None)
+    enc = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False,
+                    return_offsets_mapping=True)
+    return Corpus(torch.tensor(enc["input_ids"], dtype=torch.long),
+                  _byte_ends(text, [end for _, end in enc["offset_mapping"]]))
+
+
+def bos_id(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts it first by itself (`tokenizer("x")`), as the model was trained
+    to see its input; None when it does not (or has none)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot say is treated as adding nothing
+        return None
+    return bos if len(ids) > 0 and ids[0] == bos else None
+
+
+@dataclass
+class Windows:
+    """Model inputs cut from a text, with what scoring them needs to know."""
+
+    ids: torch.Tensor                   # [n, seq_len]
+    bos: bool = False                   # position 0 is the tokenizer's BOS, not text
+    scored_bytes: torch.Tensor | None = None   # [n] UTF-8 bytes of the text the scored targets cover
+    description: str = ""
+
+    @property
+    def first_target(self) -> int:
+        """Position of the first scored target: the prediction from BOS alone, like that of a window's
+        first text token without context, is not scored."""
+        return 2 if self.bos else 1
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _with_bos(chunks: torch.Tensor, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return chunks
+    return torch.cat([torch.full((len(chunks), 1), bos, dtype=chunks.dtype), chunks], dim=1)
+
+
 def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows of seq_len tokens, in order (GPTQ convention); [n, seq_len]."""
     n = ids.numel() // seq_len
@@ -157,6 +255,22 @@ def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None
     if max_windows is not None:
         n = min(n, max_windows)
     return ids[: n * seq_len].view(n, seq_len)
+
+
+def cut_eval(corpus: Corpus, seq_len: int, max_windows: int | None = None, bos: int | None = None,
+             description: str = "") -> Windows:
+    """Ordered non-overlapping windows of seq_len tokens (BOS and seq_len - 1 text tokens when `bos`),
+    with the bytes their scored tokens cover."""
+    if bos is not None and seq_len < 3:
+        raise UserError(f"--seq-len {seq_len} leaves no token to score after the BOS and the first text token",
+                        hint="use --seq-len 3 or more")
+    span = seq_len - 1 if bos is not None else seq_len
+    chunks = eval_windows(corpus.ids, span, max_windows)
+    scored = None
+    if corpus.byte_ends is not None:
+        starts = torch.arange(len(chunks)) * span
+        scored = corpus.byte_ends[starts + span - 1] - corpus.byte_ends[starts]
+    return Windows(_with_bos(chunks, bos), bos is not None, scored, description)
 
 
 def random_windows(ids: torch.Tensor, nsamples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -171,14 +285,29 @@ def random_windows(ids: torch.Tensor, nsamples: int, seq_len: int, seed: int) ->
     return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
 
 
-def text_windows(tokenizer, source: str, split: str, seq_len: int, *, nsamples: int | None = None,
-                 seed: int = 0, max_windows: int | None = None, directory: str | Path | None = None
-                 ) -> tuple[torch.Tensor, str]:
-    """Read a source and cut it: random windows when `nsamples` is given, else ordered eval windows."""
+def load_windows(tokenizer, source: str, split: str, seq_len: int, *, nsamples: int | None = None,
+                 seed: int = 0, max_windows: int | None = None, directory: str | Path | None = None) -> Windows:
+    """Read a source and cut it for this tokenizer: `nsamples` random windows (calibration) or ordered
+    eval windows, BOS first when the tokenizer adds one (see the module docstring)."""
     if seq_len <= 0:
         raise UserError(f"--seq-len must be positive, got {seq_len}")
     text = load_text(source, split, directory)
-    ids = tokenize(tokenizer, text.text)
-    if nsamples is not None:
-        return random_windows(ids, nsamples, seq_len, seed), text.description
-    return eval_windows(ids, seq_len, max_windows), text.description
+    bos = bos_id(tokenizer)
+    description = text.description + ("; BOS first in every window" if bos is not None else "")
+    if nsamples is None:
+        return cut_eval(tokenize_corpus(tokenizer, text.text), seq_len, max_windows, bos, description)
+    if bos is not None and seq_len < 2:
+        raise UserError("--seq-len must be at least 2 to hold the BOS and a text token")
+    span = seq_len - 1 if bos is not None else seq_len
+    chunks = random_windows(tokenize(tokenizer, text.text), nsamples, span, seed)
+    return Windows(_with_bos(chunks, bos), bos is not None, None, description)
+
+
+def text_windows(tokenizer, source: str, split: str, seq_len: int, *, nsamples: int | None = None,
+                 seed: int = 0, max_windows: int | None = None, directory: str | Path | None = None
+                 ) -> tuple[torch.Tensor, str]:
+    """`load_windows` as (ids [n, seq_len], description), for calibration and training callers. Scoring
+    these ids as plain windows would also score the prediction from a BOS: evaluate `load_windows`."""
+    w = load_windows(tokenizer, source, split, seq_len, nsamples=nsamples, seed=seed, max_windows=max_windows,
+                     directory=directory)
+    return w.ids, w.description

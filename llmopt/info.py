@@ -1,13 +1,24 @@
-"""What a model is: architecture, shapes, parameter counts and bytes, for `info`, `bench` and reports."""
+"""What a model is: architecture, shapes, parameter counts and bytes, for `info`, `bench` and reports.
+
+Sizes are given against two references, because "0.32x the size" means little without saying of
+what: float32 (4 bytes a parameter) and the original's own dtype, the dtype its source checkpoint
+stores (bfloat16 for most hub models, so a float32 copy in memory is 2x the original).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmopt.checkpoint import dir_size
+from llmopt.checkpoint import dir_size, read_provenance
+
+# safetensors header dtype -> (torch name, bytes); only floating-point tensors say what a checkpoint stores
+_FLOAT_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+                 "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1)}
+DTYPE_BYTES = {name: size for name, size in _FLOAT_DTYPES.values()}
 
 
 def _logical_numel(module: torch.nn.Module) -> int | None:
@@ -127,6 +138,65 @@ def model_info(model: torch.nn.Module, path: Path | None = None) -> dict[str, An
         "quantization": q,
         "weight_bytes": weight_bytes(model),
         "disk_bytes": dir_size(path) if path is not None else None,
+        "stored_dtype": stored_dtype(path),
     }
     info["bits_per_weight"] = round(8 * info["weight_bytes"] / params, 3) if params else None
+    info.update(size_ratios(info["weight_bytes"], params, original_dtype(path)))
     return info
+
+
+# --------------------------------------------------------------------------- stored and original dtypes
+
+def stored_dtype(path: str | Path | None) -> str | None:
+    """The floating-point dtype holding most bytes in a checkpoint directory's .safetensors headers (None
+    when there are none: a .gguf file, a hub id, .bin weights)."""
+    p = Path(path) if path is not None else None
+    if p is None or not p.is_dir():
+        return None
+    found: dict[str, int] = {}
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        except (OSError, ValueError):
+            return None
+        for name, t in header.items():
+            if name != "__metadata__" and t.get("dtype") in _FLOAT_DTYPES:
+                dtype = _FLOAT_DTYPES[t["dtype"]][0]
+                found[dtype] = found.get(dtype, 0) + t["data_offsets"][1] - t["data_offsets"][0]
+    return max(found, key=found.get) if found else None
+
+
+def _source_original(spec: str, depth: int) -> str | None:
+    """The original dtype of an llmopt output's source model, when known without loading it: an alias
+    says its own, a local directory is read (following its llmopt.json)."""
+    from llmopt.errors import UserError
+    from llmopt.models import resolve
+
+    try:
+        source = resolve(spec)
+    except UserError:
+        return None
+    if source.kind == "alias":
+        return getattr(source.alias, "dtype", None)
+    return original_dtype(source.path, depth - 1) if source.kind == "dir" else None
+
+
+def original_dtype(path: str | Path | None, depth: int = 4) -> str | None:
+    """The dtype the original checkpoint stores: for an llmopt output (its llmopt.json names a source)
+    that of its source, followed back; else the directory's own stored dtype."""
+    if path is None or not Path(path).is_dir():
+        return None
+    record = read_provenance(path) if depth > 0 else None
+    source = record.get("source_model") if isinstance(record, dict) else None
+    return _source_original(str(source), depth) if source else stored_dtype(path)
+
+
+def size_ratios(weight_bytes: int, parameters: int, original: str | None) -> dict[str, Any]:
+    """`weight_bytes` against `parameters` held in float32 and in the original's dtype."""
+    return {
+        "original_dtype": original,
+        "size_vs_float32_x": weight_bytes / (4 * parameters) if parameters else None,
+        "size_vs_original_dtype_x": weight_bytes / (DTYPE_BYTES[original] * parameters)
+        if parameters and original in DTYPE_BYTES else None,
+    }

@@ -3,6 +3,7 @@ the table / CSV / plot renderers and the bad inputs of issue #3."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -18,6 +19,7 @@ from llmopt.bench.run import SCHEMA_VERSION, BenchOptions, bench
 from llmopt.data import eval_windows, load_text, tokenize
 from llmopt.errors import UserError
 from llmopt.models import load_model
+from test_data import bos_tokenizer, byte_len  # noqa: F401 - a fixture and the byte-level reference
 
 SMALL = dict(ppl_data="builtin", seq_len=64, ppl_windows=3, prompt_len=16, gen_len=4, repeats=2, warmup=1,
              memory=False, device="cpu")
@@ -103,21 +105,90 @@ def test_kl_of_a_model_against_itself_is_zero(pair):
     assert copy_row["deltas"]["perplexity"]["x"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_other_tokenizer_gets_perplexity_only(tiny_model_dir, tmp_path):
-    base = tiny_model_dir("llama")
-    other = tmp_path / "other"
-    shutil.copytree(base, other)
+def _other_tokenizer(tiny_model_dir, tmp_path, name="other", **changes):
+    """A tiny model beside the base one, with a changed copy of its tokenizer."""
     from transformers import AutoTokenizer
 
     from conftest import build_tiny
 
+    base = tiny_model_dir("llama")
+    other = tmp_path / name
     tok = AutoTokenizer.from_pretrained(base)
-    tok.add_tokens(["the assert statement"])         # changes how the text is cut into tokens
+    if "add_tokens" in changes:
+        tok.add_tokens(changes["add_tokens"])        # changes how the text is cut into tokens
+    if "post_processor" in changes:
+        tok._tokenizer.post_processor = changes["post_processor"]
     build_tiny("llama", tok).save_pretrained(other)
     tok.save_pretrained(other)
+    return base, other
+
+
+def test_other_tokenizer_gets_no_per_token_comparison(tiny_model_dir, tmp_path):
+    """Perplexities in tokens of different vocabularies are not compared: no delta, KL or top-1, and the
+    table says why; bits per byte is measured for both and compared."""
+    from rich.console import Console
+
+    base, other = _other_tokenizer(tiny_model_dir, tmp_path, add_tokens=["the assert statement"])
     report = bench(BenchOptions([str(base), str(other)], skip_speed=True, **SMALL))
-    row = report["models"][1]["metrics"]
-    assert row["perplexity"] is not None and row["kl_vs_baseline"] is None and row["top1_agreement_pct"] is None
+    row = report["models"][1]
+    assert row["same_tokenizer_as_baseline"] is False and report["models"][0]["same_tokenizer_as_baseline"]
+    assert row["metrics"]["perplexity"] is not None and row["metrics"]["kl_vs_baseline"] is None
+    assert row["metrics"]["top1_agreement_pct"] is None
+    assert "perplexity" not in row["deltas"] and "nll" not in row["deltas"]
+    b0, b1 = report["models"][0]["metrics"]["bits_per_byte"], row["metrics"]["bits_per_byte"]
+    assert row["deltas"]["bits_per_byte"]["x"] == pytest.approx(b1 / b0)
+    console = Console(width=250, record=True)
+    console.print(render_table(report))
+    assert "other tokenizer" in console.export_text()
+
+
+def test_tokenizer_adding_bos_is_another_tokenizer(tiny_model_dir, tmp_path):
+    """Same vocabulary, but one tokenizer puts a BOS first: different windows, so not the same tokenizer."""
+    from tokenizers import processors
+
+    bos = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    base, other = _other_tokenizer(tiny_model_dir, tmp_path, post_processor=bos)
+    report = bench(BenchOptions([str(base), str(other)], skip_speed=True, **SMALL))
+    rows = report["models"]
+    assert [r["bos_per_window"] for r in rows] == [False, True]
+    assert rows[1]["same_tokenizer_as_baseline"] is False and "perplexity" not in rows[1]["deltas"]
+
+
+def test_bits_per_byte_matches_plain_loop(pair):
+    """bits per byte = summed NLL of the scored tokens / ln 2 / the UTF-8 bytes those tokens stand for."""
+    base, _, _ = pair
+    loaded = load_model(str(base), device="cpu")
+    windows = _windows(loaded.tokenizer)
+    nbytes = sum(byte_len(loaded.tokenizer, w[1:]) for w in windows)
+    ref = _plain_nll(loaded.model, windows) * 3 * 63 / math.log(2) / nbytes
+    m = bench(BenchOptions([str(base)], skip_speed=True, **SMALL))["models"][0]["metrics"]
+    assert m["ppl_bytes"] == nbytes
+    assert m["bits_per_byte"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_bos_windows_score_the_text_after_the_bos(tmp_path, bos_tokenizer):
+    """A model whose tokenizer adds a BOS is scored on BOS + seq_len - 1 text tokens, from the second
+    text token on: the prediction from the BOS alone is not scored."""
+    from conftest import build_tiny
+
+    path = tmp_path / "bos"
+    build_tiny("llama", bos_tokenizer).save_pretrained(path)
+    bos_tokenizer.save_pretrained(path)
+    loaded = load_model(str(path), device="cpu")
+    text_ids = tokenize(loaded.tokenizer, load_text("builtin").text)[: 3 * 63].view(3, 63)
+    windows = torch.cat([torch.ones(3, 1, dtype=torch.long), text_ids], 1)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        logp = F.log_softmax(loaded.model(windows).logits.double(), -1)
+    for k in range(3):
+        for t in range(1, 63):                      # position t predicts windows[k, t + 1]; t = 0 is the BOS
+            total -= logp[k, t, windows[k, t + 1]].item()
+            count += 1
+    report = bench(BenchOptions([str(path)], skip_speed=True, **SMALL))
+    m = report["models"][0]["metrics"]
+    assert report["models"][0]["bos_per_window"] and m["ppl_tokens"] == count == 3 * 62
+    assert m["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert m["ppl_bytes"] == sum(byte_len(loaded.tokenizer, w[2:]) for w in windows)
 
 
 # ----------------------------------------------------------------------------- speed
@@ -196,6 +267,40 @@ def test_peak_memory_in_child_process(tiny_model_dir):
     assert m["peak_rss_bytes"] >= m["runtime_rss_bytes"] > 10_000_000      # torch alone is tens of MB
     assert m["peak_cuda_allocated_bytes"] is None
     assert "VmHWM" in report["method"]["memory"]
+
+
+# ----------------------------------------------------------------------------- size
+
+def test_size_against_float32_and_the_original_dtype(tiny_model_dir, tmp_path, cli):
+    """Sizes are given against float32 and against the dtype the original checkpoint stores: a bfloat16
+    original loaded in float32 is 1.00x float32 but 2.00x its original, and a model derived from it (its
+    llmopt.json names it) is measured against that bfloat16 original, in bench and in info."""
+    from rich.console import Console
+
+    src = tiny_model_dir("llama")
+    loaded = load_model(str(src), device="cpu")
+    original = tmp_path / "bf16"
+    loaded.model.to(torch.bfloat16).save_pretrained(original)
+    loaded.tokenizer.save_pretrained(original)
+    derived = tmp_path / "derived"
+    shutil.copytree(src, derived)                                   # float32 on disk
+    (derived / "llmopt.json").write_text(json.dumps({"llmopt_format": 1, "source_model": str(original)}))
+    report = bench(BenchOptions([str(derived)], baseline=str(original), skip_speed=True, **SMALL))
+    assert report["method"]["size_reference"]["original_dtype"] == "bfloat16"
+    base, row = report["models"]
+    assert base["stored_dtype"] == "bfloat16" and row["stored_dtype"] == "float32"
+    for r in (base, row):
+        assert r["metrics"]["size_vs_float32_x"] == pytest.approx(1.0)
+        assert r["metrics"]["size_vs_original_dtype_x"] == pytest.approx(2.0)
+    console = Console(width=250, record=True, file=io.StringIO())   # not stdout: the CLI's JSON goes there
+    console.print(render_table(report))
+    text = console.export_text()
+    assert "1.00x fp32" in text and "2.00x bf16" in text
+    code, out, err = cli("info", derived, "--json")
+    assert code == 0, err
+    facts = json.loads(out)
+    assert facts["stored_dtype"] == "float32" and facts["original_dtype"] == "bfloat16"
+    assert facts["size_vs_float32_x"] == pytest.approx(1.0) and facts["size_vs_original_dtype_x"] == pytest.approx(2.0)
 
 
 # ----------------------------------------------------------------------------- JSON, table, CSV, plot
@@ -297,7 +402,7 @@ def test_model_that_fails_to_load(cli, tmp_path, tiny_model_dir):
     shutil.copytree(tiny_model_dir("llama"), broken)
     for f in broken.glob("*.safetensors"):
         f.write_bytes(b"not a safetensors file")
-    _bad(cli, tmp_path, tiny_model_dir("llama"), broken, *SMALL_ARGS, match=f"model {broken} failed to load")
+    _bad(cli, tmp_path, tiny_model_dir("llama"), broken, *SMALL_ARGS, match=str(broken))   # names the broken model
 
 
 @pytest.mark.parametrize("args,match", [

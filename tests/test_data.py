@@ -70,3 +70,111 @@ def test_jsonl_and_txt_files(tmp_path):
 def test_unknown_source_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="neither a file nor"):
         data.load_text(str(tmp_path / "missing.txt"))
+
+
+# ----------------------------------------------------------------------------- WikiText .raw files
+
+def test_wikitext_raw_file_is_read_as_wikitext2(wikitext_dir):
+    """--ppl-data path/to/wiki.test.raw gives exactly the text of --ppl-data wikitext2, and says so."""
+    as_file = data.load_text(str(wikitext_dir / "wiki.test.raw"))
+    assert as_file.text == data.load_text("wikitext2", "eval", wikitext_dir).text
+    assert "rows joined with \\n\\n" in as_file.description and "wiki.test.raw" in as_file.description
+
+
+WIKI_SAMPLE = " \n = Valkyria Chronicles = \n \n Senjō no Valkyria 3 is a tactical role @-@ playing game .\n \n"
+
+
+def test_wikitext_content_is_recognised_under_any_name(tmp_path):
+    article = tmp_path / "article.txt"
+    article.write_text(WIKI_SAMPLE)
+    text = data.load_text(str(article))
+    assert text.text == "\n\n".join(data._wikitext_rows_from_raw(WIKI_SAMPLE))
+    assert text.description.startswith("wikitext2-format file:")
+    notes = tmp_path / "notes.raw"
+    notes.write_text("plain notes\n \nnothing WikiText about them\n")
+    plain = data.load_text(str(notes))
+    assert plain.text == "plain notes\n \nnothing WikiText about them\n" and "read as is" in plain.description
+
+
+# ----------------------------------------------------------------------------- BOS and bytes
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: each character of a byte-level token stands for one byte."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def byte_len(tokenizer, ids) -> int:
+    """UTF-8 bytes that byte-level BPE tokens stand for, from the tokens themselves (not their offsets)."""
+    table = _byte_decoder()
+    return sum(len(tok) for tok in tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+               if all(ch in table for ch in tok))
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer(tiny_tokenizer):
+    """The tiny tokenizer, but putting <s> first by itself, as Gemma's does."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)])
+    return tok
+
+
+def test_bos_is_taken_from_the_tokenizer(tiny_tokenizer, bos_tokenizer):
+    assert data.bos_id(tiny_tokenizer) is None
+    assert data.bos_id(bos_tokenizer) == bos_tokenizer.bos_token_id == 1
+
+
+def test_eval_windows_start_with_bos_and_keep_seq_len(bos_tokenizer):
+    ids = data.tokenize(bos_tokenizer, data.load_text("builtin").text)
+    w = data.load_windows(bos_tokenizer, "builtin", "eval", 64, max_windows=3)
+    assert w.ids.shape == (3, 64) and w.bos and w.first_target == 2
+    assert (w.ids[:, 0] == 1).all()
+    assert torch.equal(w.ids[:, 1:], ids[: 3 * 63].view(3, 63))     # BOS + seq_len - 1 text tokens, in order
+    assert "BOS first" in w.description
+
+
+def test_calibration_windows_start_with_bos(bos_tokenizer, tiny_tokenizer):
+    ids, description = data.text_windows(bos_tokenizer, "builtin", "calib", 32, nsamples=4, seed=0)
+    assert ids.shape == (4, 32) and (ids[:, 0] == 1).all() and "BOS first" in description
+    plain, description = data.text_windows(tiny_tokenizer, "builtin", "calib", 32, nsamples=4, seed=0)
+    assert plain.shape == (4, 32) and "BOS" not in description
+    calib_ids = data.tokenize(tiny_tokenizer, data.load_text("builtin", "calib").text)
+    assert torch.equal(plain, data.random_windows(calib_ids, 4, 32, 0))       # no BOS: as before
+
+
+@pytest.mark.parametrize("with_bos", [False, True])
+def test_scored_bytes_are_the_bytes_of_the_scored_tokens(tiny_tokenizer, bos_tokenizer, tmp_path, with_bos):
+    """Bits per byte divides by the bytes of exactly the tokens scored (ASCII text: one byte per character)."""
+    tok = bos_tokenizer if with_bos else tiny_tokenizer
+    f = tmp_path / "t.txt"
+    f.write_text("".join(ch for ch in data.load_text("builtin").text[:40_000] if ch.isascii()))
+    w = data.load_windows(tok, str(f), "eval", 50, max_windows=20)
+    assert w.scored_bytes is not None and len(w.scored_bytes) == 20
+    for k in range(20):
+        assert int(w.scored_bytes[k]) == byte_len(tok, w.ids[k, w.first_target:]), k
+
+
+def test_multibyte_characters_are_counted_in_full(tiny_tokenizer, tmp_path):
+    """Every UTF-8 byte of the text belongs to exactly one token; a character the tokenizer splits into
+    several byte tokens counts toward the first of them, so a window is off by at most its 3 other bytes."""
+    text = "Größe und Maß: 日本語のテキスト, naïve café — " * 40
+    corpus = data.tokenize_corpus(tiny_tokenizer, text)
+    per_token = torch.diff(corpus.byte_ends, prepend=torch.zeros(1, dtype=torch.long))
+    assert int(per_token.sum()) == len(text.encode()) and (per_token >= 0).all()
+    f = tmp_path / "t.txt"
+    f.write_text(text)
+    w = data.load_windows(tiny_tokenizer, str(f), "eval", 50)
+    for k in range(len(w)):
+        assert abs(int(w.scored_bytes[k]) - byte_len(tiny_tokenizer, w.ids[k, 1:])) <= 3, k

@@ -15,10 +15,11 @@ from rich.table import Table
 from rich.text import Text
 
 METRIC_COLUMNS = ("parameters", "weight_bytes", "disk_bytes", "bits_per_weight", "bytes_read_per_token",
-                  "perplexity", "nll", "ppl_windows", "ppl_tokens", "kl_vs_baseline", "top1_agreement_pct",
+                  "size_vs_float32_x", "size_vs_original_dtype_x", "perplexity", "nll", "bits_per_byte",
+                  "ppl_windows", "ppl_tokens", "ppl_bytes", "kl_vs_baseline", "top1_agreement_pct",
                   "ttft_s", "prefill_tok_s", "decode_tok_s", "batch_decode_tok_s", "weight_bandwidth_gb_s",
                   "peak_rss_bytes", "runtime_rss_bytes", "peak_cuda_allocated_bytes")
-DELTA_COLUMNS = ("parameters", "weight_bytes", "disk_bytes", "perplexity", "ttft_s", "prefill_tok_s",
+DELTA_COLUMNS = ("parameters", "weight_bytes", "disk_bytes", "perplexity", "bits_per_byte", "ttft_s", "prefill_tok_s",
                  "decode_tok_s", "batch_decode_tok_s", "peak_rss_bytes", "peak_cuda_allocated_bytes")
 
 
@@ -76,27 +77,49 @@ def _range(row: dict, name: str, scale: float = 1.0) -> Text:
     return Text("") if not t else Text(f"{_num(t['min'] * scale)}..{_num(t['max'] * scale)}", style="dim")
 
 
+SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _sizes(row: dict, original: str | None) -> list[Text]:
+    """Weights against the baseline's parameters in float32 and in the original's dtype."""
+    lines = [Text(f"{row['metrics']['size_vs_float32_x']:.2f}x fp32")] \
+        if row["metrics"].get("size_vs_float32_x") is not None else []
+    x = row["metrics"].get("size_vs_original_dtype_x")
+    if x is not None and original != "float32":
+        lines.append(Text(f"{x:.2f}x {SHORT_DTYPES.get(original, original)}"))
+    return lines
+
+
+def _per_token(row: dict, cell: Text) -> Text:
+    """A per-token figure's delta, or why there is none: another tokenizer's tokens are other units."""
+    if row["role"] != "baseline" and row.get("same_tokenizer_as_baseline") is False:
+        return Text("other tokenizer", style="dim")
+    return cell
+
+
 def render_table(report: dict, title: str | None = None) -> Table:
     """One row per model, baseline first; under each figure its delta vs the baseline (x = model/baseline,
-    perplexity in %), and under timed figures the min..max over the rounds."""
+    perplexity and bits per byte in %), and under timed figures the min..max over the rounds."""
     rows = report["models"]
     has = {k: any(r["metrics"].get(k) is not None for r in rows) for k in METRIC_COLUMNS}
     method = report.get("method", {})
     table = Table(title=title or f"llmopt bench ({method.get('device', '?')}, {method.get('dtype', '?')})",
                   caption=Text(_caption(report)), caption_justify="left")
     m = lambda r, k: r["metrics"].get(k)  # noqa: E731
+    original = method.get("size_reference", {}).get("original_dtype")
     d = lambda r, k, style="x": _delta(r["deltas"].get(k), style)  # noqa: E731
     columns: list[tuple[str, Any]] = [
         ("model", lambda r: _cell(r["name"], Text("baseline" if r["role"] == "baseline" else
                                                   _quant(r.get("quantization")), style="dim"))),
         ("params", lambda r: _cell(_count(m(r, "parameters")), d(r, "parameters"))),
-        ("weights", lambda r: _cell(_bytes(m(r, "weight_bytes")), d(r, "weight_bytes"),
+        ("weights", lambda r: _cell(_bytes(m(r, "weight_bytes")), *_sizes(r, original),
                                     Text(f"{_num(m(r, 'bits_per_weight'))} b/w", style="dim"))),
         ("disk", lambda r: _cell(_bytes(m(r, "disk_bytes")), d(r, "disk_bytes"))),
     ]
     if has["perplexity"]:
         columns += [
-            ("ppl", lambda r: _cell(_num(m(r, "perplexity"), 4), d(r, "perplexity", "pct"))),
+            ("ppl", lambda r: _cell(_num(m(r, "perplexity"), 4), _per_token(r, d(r, "perplexity", "pct")))),
+            ("bits/byte", lambda r: _cell(_num(m(r, "bits_per_byte"), 4), d(r, "bits_per_byte", "pct"))),
             ("KL", lambda r: _cell(_num(m(r, "kl_vs_baseline")))),
             ("top-1", lambda r: _cell("-" if m(r, "top1_agreement_pct") is None
                                       else f"{m(r, 'top1_agreement_pct'):.2f}%")),
@@ -139,11 +162,22 @@ def _caption(report: dict) -> str:
     s = m.get("settings", {})
     parts = []
     if m.get("quality"):
-        parts.append(f"quality: {m.get('ppl_data')}, {s.get('seq_len')}-token windows "
-                     f"(cap {s.get('ppl_windows') or 'none'})")
+        bos = [r["name"] for r in report["models"] if r.get("bos_per_window")]
+        parts.append(f"quality: {m.get('ppl_data_description') or m.get('ppl_data')}, {s.get('seq_len')}-token "
+                     f"windows (cap {s.get('ppl_windows') or 'none'})"
+                     + (f"; BOS first in each window for {', '.join(dict.fromkeys(bos))}" if bos else ""))
     if m.get("speed"):
         parts.append(f"speed: prompt {s.get('prompt_len')}, {s.get('gen_len')} new tokens, median "
                      f"and min..max of {s.get('repeats')} interleaved rounds, {m.get('torch_threads')} threads")
+    ref = m.get("size_reference") or {}
+    original = ref.get("original_dtype")
+    parts.append(f"weights: x fp32 = weight bytes / the baseline's {_count(ref.get('parameters'))} parameters in "
+                 f"float32" + (f"; x {SHORT_DTYPES.get(original, original)} = in {original}, the dtype its original "
+                               f"checkpoint stores" if original and original != "float32" else
+                               "" if original else "; the original's stored dtype is unknown"))
+    if any(r.get("same_tokenizer_as_baseline") is False for r in report["models"]):
+        parts.append("other tokenizer: perplexity is per token of another vocabulary, so it is not compared (no "
+                     "delta, KL or top-1); bits/byte is")
     parts.append("deltas vs baseline: x = model/baseline (timed: median of per-round ratios; ~ = within the "
                  "rounds' range)")
     return "\n".join(parts)
@@ -179,13 +213,15 @@ def write_csv(report: dict, path: str | Path) -> None:
 
 
 def write_plot(report: dict, path: str | Path) -> None:
-    """Perplexity against decode speed and against weight size, one labelled point per model."""
+    """Bits per byte (perplexity when some model lacks it) against decode speed and against weight size,
+    one labelled point per model: bits per byte compares models whatever their tokenizers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["models"] if r["metrics"].get("perplexity") is not None]
+    y_key = "bits_per_byte" if all(r["metrics"].get("bits_per_byte") is not None for r in rows) else "perplexity"
     panels = [("weight_bytes", "weights in memory (MB)", 1e-6)]
     if any(r["metrics"].get("decode_tok_s") is not None for r in rows):
         panels.insert(0, ("decode_tok_s", "decode tokens/s (batch 1, median)", 1.0))
@@ -196,14 +232,14 @@ def write_plot(report: dict, path: str | Path) -> None:
             if x is None:
                 continue
             base = r["role"] == "baseline"
-            ax.scatter([x * scale], [r["metrics"]["perplexity"]], marker="*" if base else "o",
+            ax.scatter([x * scale], [r["metrics"][y_key]], marker="*" if base else "o",
                        s=140 if base else 60, color="black" if base else "tab:blue", zorder=3)
-            ax.annotate(r["name"], (x * scale, r["metrics"]["perplexity"]), textcoords="offset points",
+            ax.annotate(r["name"], (x * scale, r["metrics"][y_key]), textcoords="offset points",
                         xytext=(5, 5), fontsize=8)
         ax.set_xlabel(label)
-        ax.set_ylabel(f"perplexity ({report['method'].get('ppl_data')})")
+        ax.set_ylabel(f"{y_key.replace('_', ' ')} ({report['method'].get('ppl_data')})")
         ax.grid(alpha=0.3)
-    fig.suptitle("llmopt bench: quality vs speed and size (lower perplexity is better)")
+    fig.suptitle(f"llmopt bench: quality vs speed and size (lower {y_key.replace('_', ' ')} is better)")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=120)

@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
-from llmopt.bench.quality import compare_models
+from llmopt.bench.quality import WindowStats, compare_models
 from llmopt.bench.report import write_csv, write_plot
 from llmopt.bench.speed import bytes_read_per_token, measure_speed, peak_memory, spread
 from llmopt.checkpoint import dir_size, versions
-from llmopt.data import NAMED_SOURCES, eval_windows, load_text, random_windows, resolve_auto, tokenize
+from llmopt.data import NAMED_SOURCES, Corpus, bos_id, cut_eval, load_text, random_windows, resolve_auto, \
+    tokenize_corpus
 from llmopt.errors import MissingExtra, UserError, require
-from llmopt.info import model_info
+from llmopt.info import model_info, original_dtype, size_ratios, stored_dtype
 from llmopt.models import LoadedModel, load_model, parse_device, parse_dtype, resolve
 from llmopt.progress import SILENT, Progress
 
@@ -29,16 +30,27 @@ SCHEMA_VERSION = 1
 
 # metric -> True when higher is better (deltas vs the baseline are reported for these)
 DIRECTIONS: dict[str, bool] = {
-    "parameters": False, "weight_bytes": False, "disk_bytes": False, "perplexity": False,
+    "parameters": False, "weight_bytes": False, "disk_bytes": False, "perplexity": False, "bits_per_byte": False,
     "ttft_s": False, "prefill_tok_s": True, "decode_tok_s": True, "batch_decode_tok_s": True,
     "peak_rss_bytes": False, "peak_cuda_allocated_bytes": False,
 }
+PER_TOKEN = ("perplexity", "nll")      # meaningful between models with the same tokenizer only
 TIMED = ("ttft_s", "prefill_tok_s", "decode_tok_s", "batch_decode_tok_s")
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 METHOD_TEXT = {
     "perplexity": "exp(mean next-token NLL); the split's rows joined with \"\\n\\n\", tokenized once, cut into "
-                  "non-overlapping windows of seq_len tokens, each scored on its own (GPTQ-paper convention)",
+                  "non-overlapping windows of seq_len tokens, each scored on its own (GPTQ-paper convention); when "
+                  "the model's tokenizer puts a BOS first by itself (bos_per_window), each window is that BOS and "
+                  "seq_len - 1 text tokens, and the prediction from the BOS alone is not scored; per token, so "
+                  "compared only between models with the baseline's tokenizer",
+    "bits_per_byte": "summed next-token NLL of the scored tokens / ln 2 / UTF-8 bytes of the text those tokens "
+                     "cover (as lm-evaluation-harness reports for WikiText): independent of the tokenizer, so "
+                     "compared between any models",
+    "size": "size_vs_float32_x = weight_bytes / (4 x the baseline's parameters); size_vs_original_dtype_x = "
+            "weight_bytes / (the baseline's parameters x bytes per value of size_reference.original_dtype, the "
+            "dtype the baseline's original checkpoint stores, followed back through llmopt.json); weight_bytes "
+            "hold unquantized tensors at the loaded dtype (method.dtype)",
     "kl_vs_baseline": "mean over scored positions of KL(P_baseline || P_model) of the next-token distributions, "
                       "in nats, on the baseline's windows (models with the baseline's tokenizer only)",
     "top1_agreement_pct": "percent of scored positions where the model's most likely next token is the "
@@ -153,14 +165,8 @@ def _disk_bytes(loaded: LoadedModel) -> int | None:
     return dir_size(path) if path is not None and Path(path).exists() else None
 
 
-def bench(opts: BenchOptions, progress: Progress = SILENT) -> dict:
-    """Measure every model and the baseline; return the report (see docs/bench.md for the schema)."""
-    opts.validate()
-    started = time.time()
-    device = parse_device(opts.device)
-    source = resolve_auto(opts.ppl_data, opts.data_dir)
-    text = load_text(source, "eval", opts.data_dir)          # a bad data source fails before any loading
-
+def _entries(opts: BenchOptions, progress: Progress) -> list[_Entry]:
+    """The baseline first, then the models; a model named twice is loaded once."""
     specs = [(opts.baseline, "baseline")] + [(m, "model") for m in opts.models] if opts.baseline else \
         [(opts.models[0], "baseline")] + [(m, "model") for m in opts.models[1:]]
     cache: dict[str, LoadedModel] = {}
@@ -170,87 +176,96 @@ def bench(opts: BenchOptions, progress: Progress = SILENT) -> dict:
         if key not in cache:
             cache[key] = _load(spec, opts, progress)
         entries.append(_Entry(spec, role, cache[key]))
+    return entries
 
-    token_ids: dict[int, torch.Tensor] = {}
+
+def same_tokenizer(a, b, ids_a: torch.Tensor, ids_b: torch.Tensor) -> bool:
+    """Same vocabulary (token -> id), same BOS convention and the same ids for the evaluation text."""
+    return a is b or (a.get_vocab() == b.get_vocab() and bos_id(a) == bos_id(b) and torch.equal(ids_a, ids_b))
+
+
+def _tokenize(entries: list[_Entry], text: str, progress: Progress) -> tuple[list[Corpus], list[bool]]:
+    """Each tokenizer's corpus, once per loaded model, and whether it is the baseline's tokenizer."""
+    done: dict[int, Corpus] = {}
     for e in entries:
-        if id(e.loaded) not in token_ids:
-            token_ids[id(e.loaded)] = tokenize(e.loaded.tokenizer, text.text)
-    ids = [token_ids[id(e.loaded)] for e in entries]
-    base_ids = ids[0]
-    for e, t in zip(entries[1:], ids[1:]):
-        if not torch.equal(t, base_ids):
-            progress.note(f"{e.name} tokenizes the text differently from the baseline: perplexity only, "
-                          "no KL / agreement, and its own prompt tokens")
+        if id(e.loaded) not in done:
+            done[id(e.loaded)] = tokenize_corpus(e.loaded.tokenizer, text)
+    corpora = [done[id(e.loaded)] for e in entries]
+    base = entries[0].loaded.tokenizer
+    same = [same_tokenizer(base, e.loaded.tokenizer, corpora[0].ids, c.ids) for e, c in zip(entries, corpora)]
+    for e, s in zip(entries, same):
+        if not s:
+            progress.note(f"{e.name} has another tokenizer than the baseline: its perplexity is per token of "
+                          "another vocabulary, so only bits per byte is compared (no perplexity delta, KL or "
+                          "agreement), and it gets its own prompt tokens")
+    return corpora, same
 
-    if not opts.skip_speed:
-        shortest = min(t.numel() for t in ids)
-        require(shortest > opts.prompt_len, f"the prompt text has {shortest} tokens, not more than "
-                f"--prompt-len {opts.prompt_len}", "use a longer --ppl-data text or a smaller --prompt-len")
-    windows = None
-    if not opts.skip_quality:
-        windows = [eval_windows(t, opts.seq_len, opts.ppl_windows or None) for t in ids]
 
-    models = [e.loaded.model for e in entries]
+def _facts(entries: list[_Entry]) -> dict[int, dict]:
     facts = {}
     for e in entries:
         if id(e.loaded) not in facts:
             info = model_info(e.loaded.model, None)
             info["disk_bytes"] = _disk_bytes(e.loaded)
+            info["stored_dtype"] = stored_dtype(e.loaded.path)
             info["bytes_read_per_token"] = bytes_read_per_token(e.loaded.model)
             facts[id(e.loaded)] = info
+    return facts
 
-    quality = compare_models(models, windows, 0, progress) if windows is not None else None
 
-    speed = memory = None
+def _speed(opts: BenchOptions, entries: list[_Entry], corpora: list[Corpus], progress: Progress) -> tuple:
+    """Timing rounds over all models and, when asked, peak memory in a fresh process per model."""
+    prompts = [random_windows(c.ids, 1, opts.prompt_len, opts.seed) for c in corpora]
+    batch_prompts = [random_windows(c.ids, opts.batch, opts.prompt_len, opts.seed) for c in corpora] \
+        if opts.batch else None
+    memory = None
+    if opts.memory:
+        memory = []
+        done: dict[int, dict] = {}
+        for e, prompt in zip(entries, prompts):
+            if id(e.loaded) not in done:
+                progress.start(f"memory: {e.name} (fresh process)", total=None)
+                done[id(e.loaded)] = peak_memory(e.name, opts.device, opts.dtype, prompt, opts.gen_len)
+                progress.finish()
+            memory.append(done[id(e.loaded)])
+    speed = measure_speed([e.loaded.model for e in entries], prompts, opts.gen_len, opts.repeats, opts.warmup,
+                          batch_prompts, progress, names=[e.name for e in entries])
+    return speed, memory
+
+
+def bench(opts: BenchOptions, progress: Progress = SILENT) -> dict:
+    """Measure every model and the baseline; return the report (see docs/bench.md for the schema)."""
+    opts.validate()
+    started = time.time()
+    device = parse_device(opts.device)
+    source = resolve_auto(opts.ppl_data, opts.data_dir)
+    text = load_text(source, "eval", opts.data_dir)          # a bad data source fails before any loading
+    entries = _entries(opts, progress)
+    corpora, same = _tokenize(entries, text.text, progress)
+    bos = [bos_id(e.loaded.tokenizer) for e in entries]
     if not opts.skip_speed:
-        prompts = [random_windows(t, 1, opts.prompt_len, opts.seed) for t in ids]
-        batch_prompts = [random_windows(t, opts.batch, opts.prompt_len, opts.seed) for t in ids] \
-            if opts.batch else None
-        if opts.memory:
-            memory = []
-            done: dict[int, dict] = {}
-            for e, prompt in zip(entries, prompts):
-                if id(e.loaded) not in done:
-                    progress.start(f"memory: {e.name} (fresh process)", total=None)
-                    done[id(e.loaded)] = peak_memory(e.name, opts.device, opts.dtype, prompt, opts.gen_len)
-                    progress.finish()
-                memory.append(done[id(e.loaded)])
-        speed = measure_speed(models, prompts, opts.gen_len, opts.repeats, opts.warmup, batch_prompts, progress,
-                              names=[e.name for e in entries])
+        shortest = min(c.ids.numel() for c in corpora)
+        require(shortest > opts.prompt_len, f"the prompt text has {shortest} tokens, not more than "
+                f"--prompt-len {opts.prompt_len}", "use a longer --ppl-data text or a smaller --prompt-len")
+    windows = None
+    if not opts.skip_quality:
+        windows = [cut_eval(c, opts.seq_len, opts.ppl_windows or None, b) for c, b in zip(corpora, bos)]
+    facts = _facts(entries)
+    quality = compare_models([e.loaded.model for e in entries], windows, 0, progress, same) \
+        if windows is not None else None
+    speed, memory = _speed(opts, entries, corpora, progress) if not opts.skip_speed else (None, None)
 
-    rows = []
-    for i, e in enumerate(entries):
-        info = facts[id(e.loaded)]
-        metrics: dict[str, Any] = {k: info[k] for k in ("parameters", "weight_bytes", "disk_bytes",
-                                                        "bits_per_weight", "bytes_read_per_token")}
-        metrics.update(dict.fromkeys(("perplexity", "nll", "ppl_windows", "ppl_tokens", "kl_vs_baseline",
-                                      "top1_agreement_pct", "ttft_s", "prefill_tok_s", "decode_tok_s",
-                                      "batch_decode_tok_s", "weight_bandwidth_gb_s", "peak_rss_bytes",
-                                      "runtime_rss_bytes", "peak_cuda_allocated_bytes")))
-        timings: dict[str, dict] = {}
-        if quality is not None:
-            q = quality[i]
-            metrics.update(perplexity=q.perplexity, nll=q.nll, ppl_windows=len(q.window_nll), ppl_tokens=q.tokens,
-                           kl_vs_baseline=q.kl,
-                           top1_agreement_pct=None if q.top1_agreement is None else 100.0 * q.top1_agreement)
-        if speed is not None:
-            for name, values in speed[i].figures().items():
-                timings[name] = spread(values)
-                metrics[name] = timings[name]["median"]
-            metrics["weight_bandwidth_gb_s"] = info["bytes_read_per_token"] * metrics["decode_tok_s"] / 1e9
-        if memory is not None:
-            metrics.update({k: memory[i].get(k) for k in ("peak_rss_bytes", "runtime_rss_bytes",
-                                                          "peak_cuda_allocated_bytes")})
-        rows.append({
-            "name": e.name, "role": e.role,
-            "path": str(e.loaded.source.path) if e.loaded.source.path else None,
-            "same_model_as": next((entries[j].name for j in range(i) if entries[j].loaded is e.loaded), None),
-            "architecture": info["architecture"], "model_type": info["model_type"], "dtype": info["dtype"],
-            "quantization": info["quantization"],
-            "metrics": metrics, "timings": timings, "deltas": {},
-        })
+    base_info = facts[id(entries[0].loaded)]
+    reference = {"parameters": base_info["parameters"], "original_dtype": original_dtype(entries[0].loaded.path)}
+    rows = [_row(i, entries, facts[id(e.loaded)], reference, quality[i] if quality else None,
+                 speed[i] if speed else None, memory[i] if memory else None)
+            for i, e in enumerate(entries)]
+    for i, row in enumerate(rows):
+        row["same_tokenizer_as_baseline"] = same[i]
+        row["bos_per_window"] = bos[i] is not None
     for i in range(1, len(rows)):
-        rows[i]["deltas"] = _deltas(rows[0], rows[i], speed[0] if speed else None, speed[i] if speed else None)
+        rows[i]["deltas"] = _deltas(rows[0], rows[i], speed[0] if speed else None, speed[i] if speed else None,
+                                    same[i])
 
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -262,6 +277,7 @@ def bench(opts: BenchOptions, progress: Progress = SILENT) -> dict:
         "method": _method(opts, device, source, text.description, speed is not None),
         "models": rows,
     }
+    report["method"]["size_reference"] = reference
     if opts.csv:
         write_csv(report, opts.csv)
     if opts.plot:
@@ -269,10 +285,51 @@ def bench(opts: BenchOptions, progress: Progress = SILENT) -> dict:
     return report
 
 
-def _deltas(base: dict, row: dict, base_speed, speed) -> dict:
-    """x = model / baseline (timed metrics: median of the per-round ratios, with their min..max)."""
+def _row(i: int, entries: list[_Entry], info: dict, reference: dict, q: WindowStats | None, sp, mem) -> dict:
+    """One model's row: what it is, its metrics, and its timings (deltas are added after)."""
+    e = entries[i]
+    metrics: dict[str, Any] = {k: info[k] for k in ("parameters", "weight_bytes", "disk_bytes",
+                                                    "bits_per_weight", "bytes_read_per_token")}
+    metrics.update(_sizes(info["weight_bytes"], reference))
+    metrics.update(dict.fromkeys(("perplexity", "nll", "bits_per_byte", "ppl_windows", "ppl_tokens", "ppl_bytes",
+                                  "kl_vs_baseline", "top1_agreement_pct", "ttft_s", "prefill_tok_s",
+                                  "decode_tok_s", "batch_decode_tok_s", "weight_bandwidth_gb_s", "peak_rss_bytes",
+                                  "runtime_rss_bytes", "peak_cuda_allocated_bytes")))
+    timings: dict[str, dict] = {}
+    if q is not None:
+        metrics.update(perplexity=q.perplexity, nll=q.nll, bits_per_byte=q.bits_per_byte,
+                       ppl_windows=len(q.window_nll), ppl_tokens=q.tokens, ppl_bytes=q.bytes, kl_vs_baseline=q.kl,
+                       top1_agreement_pct=None if q.top1_agreement is None else 100.0 * q.top1_agreement)
+    if sp is not None:
+        for name, values in sp.figures().items():
+            timings[name] = spread(values)
+            metrics[name] = timings[name]["median"]
+        metrics["weight_bandwidth_gb_s"] = info["bytes_read_per_token"] * metrics["decode_tok_s"] / 1e9
+    if mem is not None:
+        metrics.update({k: mem.get(k) for k in ("peak_rss_bytes", "runtime_rss_bytes", "peak_cuda_allocated_bytes")})
+    return {
+        "name": e.name, "role": e.role,
+        "path": str(e.loaded.source.path) if e.loaded.source.path else None,
+        "same_model_as": next((entries[j].name for j in range(i) if entries[j].loaded is e.loaded), None),
+        "architecture": info["architecture"], "model_type": info["model_type"], "dtype": info["dtype"],
+        "stored_dtype": info["stored_dtype"], "quantization": info["quantization"],
+        "metrics": metrics, "timings": timings, "deltas": {},
+    }
+
+
+def _sizes(weight_bytes: int, reference: dict) -> dict:
+    """Weight bytes against the baseline's parameters in float32 and in the original's stored dtype."""
+    r = size_ratios(weight_bytes, reference["parameters"], reference["original_dtype"])
+    return {k: r[k] for k in ("size_vs_float32_x", "size_vs_original_dtype_x")}
+
+
+def _deltas(base: dict, row: dict, base_speed, speed, same_tokenizer: bool = True) -> dict:
+    """x = model / baseline (timed metrics: median of the per-round ratios, with their min..max). Per-token
+    figures are not compared across tokenizers: bits per byte is."""
     out = {}
     for name, higher_better in DIRECTIONS.items():
+        if name in PER_TOKEN and not same_tokenizer:
+            continue
         b, v = base["metrics"].get(name), row["metrics"].get(name)
         if b is None or v is None or b == 0:
             continue
@@ -301,7 +358,8 @@ def _method(opts: BenchOptions, device: torch.device, source: str, description: 
         "ppl_data": source,
         "ppl_data_description": description,
         "quality": None if opts.skip_quality else {
-            k: METHOD_TEXT[k] for k in ("perplexity", "kl_vs_baseline", "top1_agreement_pct")},
+            k: METHOD_TEXT[k] for k in ("perplexity", "bits_per_byte", "kl_vs_baseline", "top1_agreement_pct")},
+        "size": METHOD_TEXT["size"],
         "speed": None if not timed else {
             k: METHOD_TEXT[k] for k in ("timing", "rounds", "prompt", "ttft_s", "prefill_tok_s", "decode_tok_s",
                                         "batch_decode_tok_s", "weight_bandwidth_gb_s")},

@@ -20,7 +20,8 @@ def info(
     dtype: Dtype = "auto",
     json: Json = False,
 ) -> None:
-    """Show architecture, layers, widths, heads, vocab, parameter counts, dtype, quantization and sizes."""
+    """Show architecture, layers, widths, heads, vocab, parameter counts, dtype, quantization and sizes (against
+    float32 and against the dtype the original checkpoint stores)."""
     loaded = load_model(model, device=device, dtype=dtype, progress=RichProgress(not json))
     facts = model_info(loaded.model, loaded.path)
     facts["model"] = model
@@ -41,15 +42,22 @@ def info(
         ("  embeddings", f"{human_count(facts['embedding_parameters'])}"
                          f"{' (tied with lm_head)' if facts['tied_embeddings'] else ''}"),
         ("  non-embedding", human_count(facts["non_embedding_parameters"])),
-        ("dtype", facts["dtype"]),
+        ("dtype", f"{facts['dtype']} in memory, {facts['stored_dtype'] or 'unknown'} stored, original "
+                  f"{facts['original_dtype'] or 'unknown'}"),
         ("quantization", _quant(facts["quantization"])),
         ("weights in memory", f"{human_bytes(facts['weight_bytes'])} ({facts['bits_per_weight']} bits/weight)"),
+        ("  vs float32", _ratio(facts["size_vs_float32_x"])),
+        ("  vs the original's dtype", _ratio(facts["size_vs_original_dtype_x"], facts["original_dtype"])),
         ("size on disk", human_bytes(facts["disk_bytes"])),
         ("path", facts["path"] or "-"),
     ]
     for k, v in rows:
         table.add_row(k, str(v))
     err_console.print(table)
+
+
+def _ratio(x: float | None, dtype: str | None = "float32") -> str:
+    return "unknown (the original's stored dtype is unknown)" if x is None else f"{x:.2f}x ({dtype})"
 
 
 def _quant(q: dict | None) -> str:
