@@ -1,16 +1,20 @@
-"""Writing outputs so that a crash, a full disk or Ctrl-C never leaves a half-written directory.
+"""Writing outputs so that a crash, a full disk, Ctrl-C or SIGTERM never leaves a half-written directory.
 
 Everything is written into a temporary sibling (`.NAME.tmp-PID`) and renamed into place at the
 end. `llmopt.json` beside the weights records what produced them: source model, the command and
-its parameters, versions, wall time and any metrics measured.
+its parameters, versions, wall time and any metrics measured. Nothing a user owns is replaced:
+--force replaces only a directory holding `llmopt.json` (an earlier output) or an empty folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
@@ -20,40 +24,178 @@ from typing import Any, Iterator
 from llmopt.errors import UserError
 
 PROVENANCE = "llmopt.json"
+FORCE_RULE = "--force replaces only an earlier llmopt output or an empty folder"
+_discarded: list[Path] = []   # unfinished outputs removed by an interrupted atomic_output (read by the CLI)
 
 
 def check_output(out: str | Path, force: bool) -> Path:
-    """Fail early (before any work) when OUT exists and --force was not given."""
+    """Fail early (before any work, creating nothing) when OUT may not or cannot be written."""
     path = Path(out).expanduser()
-    if path.exists() and not force:
-        raise UserError(f"output {path} already exists", hint="pass --force to overwrite it")
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output {path} exists and is not a directory")
-    parent = path.absolute().parent
-    if not parent.exists():
-        parent.mkdir(parents=True, exist_ok=True)
+    _refuse_enclosing_cwd(path)
+    _clear_stale_siblings(path)
+    if os.path.lexists(path):
+        _check_replaceable(path, force)
+    check_writable(path)
     return path
+
+
+def _refuse_enclosing_cwd(path: Path) -> None:
+    """Replacing the folder one stands in fails (EBUSY) only after all the work; refuse it first."""
+    try:
+        cwd = Path.cwd().resolve()
+    except FileNotFoundError:   # the current folder was deleted: nothing to protect
+        return
+    target = path.resolve()
+    if target == cwd or target in cwd.parents:
+        raise UserError(f"output {path} contains the current folder {cwd}", hint="choose an output elsewhere")
+
+
+def _check_replaceable(path: Path, force: bool) -> None:
+    """Only an earlier llmopt output (a folder with llmopt.json) or an empty folder may be replaced."""
+    if path.is_dir():   # a symlink to a folder counts: replacing it renames the link, not its target
+        if not (path / PROVENANCE).is_file() and any(path.iterdir()):
+            raise UserError(f"output {path} already exists and is not an earlier llmopt output (it holds other "
+                            "files)", hint=f"choose another output; {FORCE_RULE}")
+        if not force:
+            raise UserError(f"output {path} already exists", hint="pass --force to replace it")
+        return
+    kind = "is a file" if path.is_file() else "is not a folder"
+    raise UserError(f"output {path} already exists and {kind}", hint=f"choose another output; {FORCE_RULE}")
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise UserError if an output at `path` could not be created: probe by making (and removing) its
+    temporary sibling in the nearest existing folder, so a read-only or missing place fails before the work."""
+    path = Path(path).expanduser().absolute()
+    first, ancestor = path, path.parent
+    while not os.path.lexists(ancestor):
+        first, ancestor = ancestor, ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot create output {path}: {ancestor} is not a folder", hint="choose another output")
+    probe = ancestor / f".{first.name}.tmp-{os.getpid()}"
+    try:
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except FileExistsError:
+        pass   # this process already holds that sibling, so the folder takes new entries
+    except OSError as e:
+        raise UserError(f"cannot write output {path}: {e.strerror or e} in {ancestor}",
+                        hint="choose a writable output folder") from e
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True   # exists, owned by someone else
+    return True
+
+
+def _clear_stale_siblings(path: Path) -> None:
+    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` left by a process killed outright (SIGKILL, power loss);
+    an earlier output that such a run had renamed aside (`.old`) is put back first."""
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-(\d+)")
+    stale = [(m.group(1), p) for p in parent.iterdir()
+             if (m := pattern.fullmatch(p.name)) and not _alive(int(m.group(2)))]
+    for kind, p in sorted(stale, key=lambda s: s[0] != "old"):
+        if kind == "old" and not os.path.lexists(path):
+            p.rename(path)
+        else:
+            _remove(p)
+
+
+def _remove(p: Path) -> None:
+    if p.is_symlink() or p.is_file():
+        p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while renaming or cleaning up, then deliver them: no half-done commit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    caught = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in caught}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def _make_parents(folder: Path, created: list[Path]) -> None:
+    """Create the missing folders above an output, recording each in `created` (outermost first)."""
+    missing = []
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir()
+        created.append(f)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    old = None
+    try:
+        if os.path.lexists(path):
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            path.rename(old)
+        tmp.rename(path)
+    except BaseException:
+        if old is not None and not os.path.lexists(path):
+            old.rename(path)
+        raise
+    if old is not None:
+        _remove(old)
 
 
 @contextmanager
 def atomic_output(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it to OUT only if the block completes."""
+    """Yield a temporary sibling directory; rename it to OUT only if the block completes.
+
+    Otherwise the sibling and any parent folders created for it are removed (also on Ctrl-C/SIGTERM)."""
     path = check_output(out, force)
+    created: list[Path] = []
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    committed = False
     try:
-        yield tmp
-    except BaseException:
+        _make_parents(path.absolute().parent, created)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        yield tmp
+        with _signals_deferred():
+            _commit(tmp, path)
+            committed = True
+    except BaseException as e:
+        if not committed:
+            with _signals_deferred():
+                shutil.rmtree(tmp, ignore_errors=True)
+                for folder in reversed(created):
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
+                if isinstance(e, KeyboardInterrupt) and not tmp.exists():
+                    _discarded.append(path)
         raise
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        path.rename(old)
-    tmp.rename(path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+
+def take_discarded() -> list[Path]:
+    """The unfinished outputs removed since the last call (for the CLI's interrupted message)."""
+    taken = list(_discarded)
+    _discarded.clear()
+    return taken
 
 
 def _jsonable(value: Any) -> Any:

@@ -32,12 +32,23 @@ class GenerateOptions:
     def validate(self) -> None:
         require(bool(self.prompt and self.prompt.strip()), "the prompt is empty",
                 "pass a prompt argument, or '-' and text on stdin")
+        for text, what in [(self.prompt, "the prompt")] + [(s, f"--stop {s!r}") for s in self.stop]:
+            require(_is_utf8(text), f"{what} is not valid UTF-8", "pass text encoded as UTF-8")
         require(self.max_new_tokens > 0, f"--max-new-tokens must be positive, got {self.max_new_tokens}")
         require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
         require(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
         require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         require(self.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
         require(self.num_beams >= 1, f"--num-beams must be >= 1, got {self.num_beams}")
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text holding undecodable bytes (argv and stdin carry them as surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass

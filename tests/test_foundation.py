@@ -34,11 +34,27 @@ def test_generate_json_greedy_is_deterministic(tiny_model_dir, cli):
     assert a["ttft_s"] > 0 and {"text", "decode_tok_s", "prompt_tokens"} <= set(a)
 
 
-def test_generate_streams_to_stdout(tiny_model_dir, cli):
-    code, out, err = cli("generate", tiny_model_dir("qwen2"), "Hello", "--max-new-tokens", "5",
-                         "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
+def test_generate_streams_to_stdout(tiny_model_dir, cli, monkeypatch):
+    import llmopt.cli.generate as cli_generate
+
+    pieces: list[str] = []
+    real = cli_generate.run_generate
+
+    def spy(model, tokenizer, opts, on_text=None):
+        if on_text is None:   # --json: nothing streams
+            return real(model, tokenizer, opts)
+        return real(model, tokenizer, opts, on_text=lambda text: (pieces.append(text), on_text(text)))
+
+    monkeypatch.setattr(cli_generate, "run_generate", spy)
+    args = ("generate", tiny_model_dir("qwen2"), "Hello", "--max-new-tokens", "5", "--temperature", "0.8",
+            "--top-p", "0.9", "--seed", "1")
+    code, out, err = cli(*args)
     assert code == 0, err
-    assert "time to first token" in err
+    _, as_json, _ = cli(*args, "--json")
+    text = json.loads(as_json)["text"]
+    assert text.strip() and out == text + "\n" == "".join(pieces) + "\n"   # the text, on stdout, as it came
+    assert len(pieces) > 1                                                   # in pieces, not at the end
+    assert "time to first token" in err and "time to first token" not in out and text not in err
 
 
 def test_atomic_output_leaves_nothing_on_failure(tmp_path):
@@ -54,11 +70,12 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
 def test_atomic_output_refuses_existing_without_force(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep").write_text("precious")
+    (out / "llmopt.json").write_text("{}")
+    (out / "keep").write_text("earlier output")
     with pytest.raises(UserError, match="already exists"):
         with atomic_output(out):
             pass
-    assert (out / "keep").read_text() == "precious"
+    assert (out / "keep").read_text() == "earlier output"
     with atomic_output(out, force=True) as tmp:
         (tmp / "new").write_text("new")
     assert (out / "new").exists() and not (out / "keep").exists()
@@ -134,11 +151,39 @@ def test_resolve_kinds(tmp_path):
 
 
 def test_every_command_help_shows_defaults(cli):
+    import typer
+
+    from llmopt.cli import COMMANDS, app
+
+    group = typer.main.get_command(app)
+    assert sorted(group.commands) == sorted(COMMANDS)
     code, out, _ = cli("--help")
-    assert code == 0
-    for command in ("info", "generate"):
-        code, out, _ = cli(command, "--help")
-        assert code == 0 and "--device" in out
+    assert code == 0 and all(name in out for name in COMMANDS)
+    shown = 0
+    for name, command in group.commands.items():
+        code, out, _ = cli(name, "--help")
+        text = " ".join(out.replace("│", " ").split())   # undo rich's box and wrapping
+        assert code == 0 and f"llmopt {name}" in text, out
+        for param in command.params:
+            expected = _shown_default(param)
+            if expected is not None:
+                assert f"[default: {expected}]" in text, (name, param.name, text)
+                shown += 1
+    assert shown > len(COMMANDS)   # the loop above really compared defaults
+
+
+def _shown_default(param) -> str | None:
+    """What --help should print as a parameter's default (None: nothing to show)."""
+    if param.default is None or param.name == "help":
+        return None
+    if isinstance(param.default, bool):
+        secondary = getattr(param, "secondary_opts", [])
+        if not secondary:   # a plain flag: off unless given
+            return None
+        return (param.opts[0] if param.default else secondary[0]).lstrip("-")
+    if isinstance(param.default, (list, tuple)):
+        return None
+    return str(param.default)
 
 
 # ----------------------------------------------------------------------------- the real model

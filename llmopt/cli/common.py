@@ -10,15 +10,30 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, SpinnerColumn, TextColumn, \
     TimeElapsedColumn, TimeRemainingColumn
+from typer.core import TyperGroup
 
 from llmopt.progress import Progress
 
+
+class Interrupted(Exception):
+    """Ctrl-C (or SIGTERM) unwound a command; raised past typer, which would turn it into a silent exit 130."""
+
+
+class _Group(TyperGroup):
+    def invoke(self, ctx):  # noqa: ANN001, ANN201 - click's signature
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise Interrupted() from e
+
+
 app = typer.Typer(
+    cls=_Group,
     name="llmopt",
     help="Make a Hugging Face causal language model smaller and faster, and measure what it cost.\n\n"
          "MODEL is a local directory, a .gguf file, a hub id (org/name, online) or an offline alias "
          "(smollm2-135m, gemma3-270m). Human output goes to stderr, --json output to stdout. "
-         "Exit codes: 0 ok, 1 runtime failure, 2 bad input, 130 interrupted.",
+         "Exit codes: 0 ok, 1 runtime failure, 2 bad input, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -32,7 +47,8 @@ Device = Annotated[str, typer.Option("--device", help="auto (CUDA if present, el
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, "
                                                     "bfloat16 or float16.")]
 Json = Annotated[bool, typer.Option("--json", help="Print a JSON object on stdout instead of human output.")]
-Force = Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists: --force replaces only an earlier "
+                                                     "llmopt output or an empty folder.")]
 DataDir = Annotated[str | None, typer.Option("--data-dir", help="Folder with wiki.test.raw / wiki.valid.raw "
                                                                 "for wikitext2 (default: $LLMOPT_DATA).")]
 

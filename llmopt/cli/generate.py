@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from llmopt.cli.common import Device, Dtype, Json, RichProgress, app, err_console, print_json
+from llmopt.errors import UserError
 from llmopt.generate import GenerateOptions, generate as run_generate
 from llmopt.models import load_model
 
@@ -34,7 +35,7 @@ def generate(
 ) -> None:
     """Generate text from a prompt, streaming tokens to stdout and timings to stderr."""
     if prompt == "-":
-        prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+        prompt = _read_stdin()
     opts = GenerateOptions(prompt=prompt, max_new_tokens=max_new_tokens, chat=chat, temperature=temperature,
                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, num_beams=num_beams,
                            seed=seed, stop=list(stop or []))
@@ -55,3 +56,18 @@ def generate(
     decode = f"{result.decode_tok_s:.1f} tok/s" if result.decode_tok_s else "-"
     err_console.print(f"[dim]{result.prompt_tokens} prompt tokens, {result.new_tokens} new ({result.stop_reason}); "
                       f"time to first token {result.ttft_s * 1000:.0f} ms; decode {decode}[/dim]", highlight=False)
+
+
+def _read_stdin() -> str:
+    """The prompt from stdin, decoded strictly so bad bytes stop here rather than in the tokenizer."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return ""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:   # a text-only stream (already decoded)
+        return sys.stdin.read()
+    data = raw.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"the prompt on stdin is not valid UTF-8 (byte {e.start})",
+                        hint="pass text encoded as UTF-8") from None
