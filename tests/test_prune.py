@@ -73,18 +73,27 @@ def _pruned_in_memory(model, widths: Widths, grams=None, seed: int = 1):
     return arch, geo, keeps
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-def test_sliced_equals_masked_equals_reloaded(arch, tmp_path, tiny_tokenizer):
+# The tiny models have 4 query heads: llama/qwen2 in 2 KV groups, gemma3 in 1. Widths(2, 1, 64) drops a whole
+# KV group of llama/qwen2; Widths(2, 2, 64) keeps both groups and drops a query head inside each, as
+# Widths(2, 1, 64) does inside gemma3's single group.
+@pytest.mark.parametrize("arch,widths,drops_kv_group", [
+    pytest.param("llama", Widths(2, 1, 64), True, id="llama-kv-group"),
+    pytest.param("llama", Widths(2, 2, 64), False, id="llama-heads-in-groups"),
+    pytest.param("qwen2", Widths(2, 1, 64), True, id="qwen2-kv-group"),
+    pytest.param("qwen2", Widths(2, 2, 64), False, id="qwen2-heads-in-groups"),
+    pytest.param("gemma3", Widths(2, 1, 64), False, id="gemma3-heads-in-group")])
+def test_sliced_equals_masked_equals_reloaded(arch, widths, drops_kv_group, tmp_path, tiny_tokenizer):
     """Slicing removes exactly the chosen structures: the same logits as zeroing their o/down columns,
     and the saved checkpoint reloads to the same logits as the in-memory model."""
     model = build_tiny(arch, tiny_tokenizer)
     geo0 = geometry(model.config, arch_for(model.config))
-    widths = Widths(2, 1, 64) if geo0.kv_heads > 1 else Widths(2, 1, 64)
+    assert (widths.kv_heads < geo0.kv_heads) == drops_kv_group and widths.heads < geo0.heads
     a, geo, keeps = _pruned_in_memory(model, widths)
     ids = _ids()
     with slicing.masked(model, a, geo, keeps):
         masked = _logits(model, ids)
     slicing.apply(model, a, geo, widths, keeps)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (widths.heads, widths.kv_heads)
     sliced = _logits(model, ids)
     torch.testing.assert_close(sliced, masked, rtol=1e-4, atol=1e-4)
     model.save_pretrained(tmp_path / "m")
