@@ -22,8 +22,10 @@ def bench(
                                                       "first).")] = D.baseline,
     ppl_data: Annotated[str, typer.Option(help="Quality text: auto (wikitext2 when a data dir is set, else "
                                                "builtin, Python's docs: always offline), wikitext2, c4, builtin, "
-                                               "or a .txt/.jsonl path.")] = D.ppl_data,
-    seq_len: Annotated[int, typer.Option(help="Tokens per perplexity window (non-overlapping).")] = D.seq_len,
+                                               "or a .txt/.jsonl path (a WikiText .raw file is read as "
+                                               "wikitext2 reads it).")] = D.ppl_data,
+    seq_len: Annotated[int, typer.Option(help="Tokens per perplexity window (non-overlapping), the BOS included "
+                                              "when the model's tokenizer adds one.")] = D.seq_len,
     ppl_windows: Annotated[int, typer.Option(help="Score at most this many windows, from the start of the "
                                                   "text (0 = all).")] = D.ppl_windows,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens for prefill / time to first token (real "
@@ -49,7 +51,10 @@ def bench(
     dtype: Dtype = D.dtype,
     json: Json = False,
 ) -> None:
-    """Measure models side by side (one process, interleaved rounds, same data) and show deltas vs a baseline."""
+    """Measure models side by side (one process, interleaved rounds, same data) and show deltas vs a baseline.
+
+    Perplexity is compared only between models with the baseline's tokenizer; bits per byte between all.
+    """
     opts = BenchOptions(models=list(models), baseline=baseline, ppl_data=ppl_data, data_dir=data_dir,
                         seq_len=seq_len, ppl_windows=ppl_windows, prompt_len=prompt_len, gen_len=gen_len,
                         batch=batch, repeats=repeats, warmup=warmup, skip_quality=skip_quality,
