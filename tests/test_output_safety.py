@@ -235,6 +235,38 @@ def test_signal_during_the_save_exits_cleanly_and_leaves_nothing(signum, code, t
     assert list(work.iterdir()) == []   # no output, no temporary sibling, no parent folder made for it
 
 
+def _sigterm_during_load(monkeypatch, handled: bool) -> None:
+    """Make `generate`'s model load receive SIGTERM; `handled`: the command catches it and exits 130 itself,
+    as distill does after saving its best checkpoint."""
+    import time
+
+    import typer
+
+    import llmopt.cli.generate as cli_generate
+
+    def load(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            if handled:
+                raise typer.Exit(130) from None
+            raise
+        raise AssertionError("SIGTERM did not unwind")
+
+    monkeypatch.setattr(cli_generate, "load_model", load)
+
+
+@pytest.mark.parametrize("handled", [False, True], ids=["unwound", "handled-by-the-command"])
+def test_sigterm_exits_143_in_process_and_handlers_are_restored(handled, monkeypatch, cli):
+    _sigterm_during_load(monkeypatch, handled)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    code, _, err = cli("generate", "any-model", "hello")
+    assert code == 143, err
+    assert ("interrupted by SIGTERM" in err) != handled, err
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
 # ----------------------------------------------------------------------------- prompts that are not UTF-8
 
 @pytest.mark.parametrize("args", [("caf\udce9",), ("hello", "--stop", "\udcff")], ids=["prompt", "stop"])
