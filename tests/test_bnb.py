@@ -194,6 +194,31 @@ def test_skip_means_dotted_names_with_wildcards_as_for_gptq(tiny_model_dir, tmp_
 
 
 @needs_bnb
+def test_bf16_source_keeps_bf16_unquantized_tensors_and_reloads(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from llmopt.quantize import QuantizeOptions, quantize
+
+    src = tiny_model_dir("qwen2")
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(src)
+    out = tmp_path / "q"
+    summary = quantize(QuantizeOptions(model=str(src), output=str(out), method="llm-int8"))
+    assert summary["source_dtype"] == "bfloat16" and summary["dtype"] == "float32"
+    tensors = load_file(out / "model.safetensors")
+    plain = {k: t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith(".SCB")}
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+            "model.layers.0.self_attn.q_proj.bias"} <= set(plain)
+    assert set(plain.values()) == {torch.bfloat16}
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.int8
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map={"": "cpu"})
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        a, b = reloaded(torch.tensor(PROMPT_IDS)).logits, original(torch.tensor(PROMPT_IDS)).logits
+    assert (torch.linalg.norm(a - b) / torch.linalg.norm(b)) < 5e-2
+
+
+@needs_bnb
 @pytest.mark.parametrize("method", ["llm-int8", "nf4"])
 def test_moe_with_fused_experts_is_refused(method, tiny_tokenizer, tmp_path, cli):
     """transformers' bitsandbytes integration replaces nn.Linear only: fused experts would stay float."""

@@ -3,8 +3,9 @@
 Going through transformers keeps the output in the one layout bitsandbytes users already load:
 `AutoModelForCausalLM.from_pretrained(out)` works with bitsandbytes installed and no llmopt.
 There is no calibration: each weight is quantized on its own while it is loaded (row-wise int8
-for LLM.int8, 64-weight blocks for NF4/FP4), so the work here is choosing what to quantize,
-refusing combinations that cannot mean anything, and measuring what the rounding cost.
+for LLM.int8, 64-weight blocks for NF4/FP4), so the work here is choosing what to quantize (the
+option checks live in `QuantizeOptions.validate()`, --skip's meaning in `options.skip_matches`),
+refusing models it would quantize only in part, and measuring what the rounding cost.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from llmopt.checkpoint import check_output, dir_size, provenance, save_pretraine
 from llmopt.errors import MissingExtra, UserError, require
 from llmopt.progress import SILENT, Progress
 from llmopt.quantize.options import BNB_BITS, QuantizeOptions, check_skip_matches, skip_matches
+from llmopt.quantize.pipeline import source_dtype
 from llmopt.quantize.sequential import meta_model, refuse_fused_weights
 
 # bitsandbytes' CPU 4-bit kernel repacks each weight in 64-column blocks of 32-row tiles; other shapes
@@ -184,6 +186,15 @@ def weight_errors(model: torch.nn.Module, where: str, quantized: list[str]) -> d
             "weight_rel_error_layers": len(values)}
 
 
+def store_unquantized_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast what bitsandbytes left unquantized (embeddings, norms, head, kept Linears, biases) to the
+    source's dtype before saving: computed in float32, a bfloat16 original would double in size."""
+    for p in model.parameters():      # bitsandbytes' own Params4bit / Int8Params are subclasses: left alone
+        if type(p) is torch.nn.Parameter and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    model.config.dtype = dtype
+
+
 def quantize_bnb(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     """`llmopt quantize --method llm-int8|nf4|fp4`: quantize while loading, save in transformers' layout."""
     from llmopt.info import count_parameters, weight_bytes
@@ -216,6 +227,7 @@ def quantize_bnb(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
         progress.start("Measuring weight error against the source", total=None)
         errors = weight_errors(model, where, quantized)
         progress.finish()
+        stored = source_dtype(Path(where), dtype)
 
     params = count_parameters(model)
     mem = weight_bytes(model)
@@ -228,7 +240,8 @@ def quantize_bnb(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
         **errors,
     }
     settings = {"method": opts.method, "bits": BNB_BITS[opts.method], "skip_modules": skip_all,
-                "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+                "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                "source_dtype": str(stored).replace("torch.", "")}
     if opts.method == "llm-int8":
         settings["threshold"] = float(opts.threshold)
     else:
@@ -236,6 +249,7 @@ def quantize_bnb(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
                         compute_dtype=opts.compute_dtype_name)
     record = provenance("quantize", opts.model, opts, started, metrics=metrics, quantization=settings)
     progress.start(f"Writing {out}", total=None)
+    store_unquantized_in(model, stored)
     save_pretrained(model, tokenizer, out, opts.force, record)
     progress.finish()
     return {"output": str(out), **settings, **metrics, "disk_bytes": dir_size(out),

@@ -191,6 +191,20 @@ def _unpackable(layers: torch.nn.ModuleList, prefix: str, spec: QuantSpec, skip:
     return names
 
 
+def _error_metrics(opts: QuantizeOptions, rows: list[dict]) -> dict:
+    errors = [r["error"] for r in rows]
+    return {"mean_error": sum(errors) / len(errors), "max_error": max(errors),
+            "error_metric": "relative output error on calibration inputs" if opts.method == "gptq"
+            else "relative weight error"}
+
+
+def _packed_metrics(layers: torch.nn.ModuleList, prefix: str, done, packed: dict) -> dict:
+    """The quantized layers alone: their packed bytes, and those over 2 bytes per weight they replace."""
+    params_q = sum(layers.get_submodule(q.name[len(prefix) + 1:]).weight.numel() for q in done)
+    bytes_q = sum(sum(t.numel() * t.element_size() for t in p.values()) for p in packed.values())
+    return {"quantized_bytes": bytes_q, "quantized_bytes_vs_bf16": round(bytes_q / (2 * params_q), 4)}
+
+
 def _size_metrics(tensors: dict[str, torch.Tensor], params: int, dtype: torch.dtype) -> dict:
     """Bytes of every tensor written, against the source model at float32 and in its own dtype."""
     written = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -242,29 +256,17 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     packed = {q.name: packing.pack_layer(q.result.q, q.result.scales, q.result.zeros, q.result.g_idx,
                                          spec.bits, fmt) for q in done}
     quantized_names = {q.name for q in done}
-    kept = [n for n in _linear_names(layers) if f"{prefix}.{n}" not in quantized_names]
-    qconfig = quantization_config(opts, spec, fmt, [f"{prefix}.{n}" for n in kept])
+    kept = [f"{prefix}.{n}" for n in _linear_names(layers) if f"{prefix}.{n}" not in quantized_names]
+    qconfig = quantization_config(opts, spec, fmt, kept)
     tensors = _state_dict(model, packed, out_dtype)
 
     rows = _layer_rows(done)
-    errors = [r["error"] for r in rows]
-    params_q = sum(layers.get_submodule(q.name[len(prefix) + 1:]).weight.numel() for q in done)
-    bytes_q = sum(sum(t.numel() * t.element_size() for t in p.values()) for p in packed.values())
-    metrics = {
-        "quantized_layers": len(done),
-        "kept_layers": [f"{prefix}.{n}" for n in kept],
-        "mean_error": sum(errors) / len(errors),
-        "max_error": max(errors),
-        "error_metric": "relative output error on calibration inputs" if opts.method == "gptq"
-        else "relative weight error",
-        "quantized_bytes": bytes_q,
-        "quantized_bytes_vs_bf16": round(bytes_q / (2 * params_q), 4),
-        **_size_metrics(tensors, params, out_dtype),
-        "calibration": calib_desc,
-        "calibration_tokens": int(windows.numel()) if windows is not None else 0,
-        "calibration_s": round(calib_s, 2),
-        "quantize_s": round(quant_s, 2),
-    }
+    metrics = {"quantized_layers": len(done), "kept_layers": kept,
+               **_error_metrics(opts, rows), **_packed_metrics(layers, prefix, done, packed),
+               **_size_metrics(tensors, params, out_dtype),
+               "calibration": calib_desc,
+               "calibration_tokens": int(windows.numel()) if windows is not None else 0,
+               "calibration_s": round(calib_s, 2), "quantize_s": round(quant_s, 2)}
     record = provenance("quantize", opts.model, opts, started, metrics=metrics, quantization=qconfig, layers=rows)
     _write(out, opts, loaded, tensors, qconfig, out_dtype, record)
     return {"output": str(out), "method": opts.method, "bits": spec.bits, "group_size": spec.group_size,
