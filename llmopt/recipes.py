@@ -761,6 +761,10 @@ def run(recipe: Recipe, progress: Progress = SILENT, on_step=None) -> dict:
                 else step.options
             consumed = input_fingerprints(step)
             summary = _run_step(step, func, opts, recipe, progress)
+            if isinstance(summary, dict) and summary.get("stopped") == "interrupted":
+                # distill keeps its best-so-far on an interrupt; unrecorded, resume reruns it, and
+                # no later step may build on a half-finished model.
+                raise KeyboardInterrupt
             _record_inputs(step.output, consumed)
         results[step.name] = summary
         if step.kind.name == "bench":

@@ -392,6 +392,24 @@ def test_resume_reruns_a_step_whose_input_changed_in_an_interrupted_force_run(tm
     assert [s.status for s in recipes.load(r).steps] == ["skip"] * 3
 
 
+def test_a_step_that_stopped_on_an_interrupt_ends_the_run_and_is_rerun_on_resume(tmp_path, base, fake_steps,
+                                                                                  monkeypatch, cli):
+    """distill saves its best-so-far and returns when interrupted: the recipe must stop there, and
+    resume must rerun that step rather than take the half-trained model as done."""
+    r = write(tmp_path, f"model: {base}\nout: {tmp_path}/out\nsteps:\n  - copy: {{}}\n  - copy: {{}}\n")
+
+    def interrupted_copy(opts, progress=None):
+        return {**copy_step(opts, progress), "stopped": "interrupted"}
+
+    normal_load = CopyKind.load
+    monkeypatch.setattr(CopyKind, "load", lambda self: (CopyOptions, interrupted_copy))
+    code, _, err = cli("run", r)
+    assert code == 130 and "interrupted" in err
+    assert [c.output for c in fake_steps] == [str(tmp_path / "out" / "copy")]   # step 2 never ran
+    monkeypatch.setattr(CopyKind, "load", normal_load)
+    assert [s.status for s in recipes.load(r).steps] == ["run", "run"]
+
+
 def test_a_changed_base_model_reruns_the_steps_built_from_it(tmp_path, base, fake_steps):
     (base / "model.safetensors").write_bytes(b"weights")
     r = write(tmp_path, f"model: {base}\nout: {tmp_path}/out\nsteps:\n  - copy: {{}}\n  - copy: {{}}\n")
