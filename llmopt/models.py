@@ -395,7 +395,7 @@ def from_pretrained_checked(where: str | Path, label: str, **kwargs: Any) -> Any
 
     local = Path(where) if Path(where).is_dir() else None
     if local is not None and "gguf_file" not in kwargs:
-        _check_weight_files(local, label)
+        check_weight_files(local, label)
     with reading_weights(label, local):
         model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True,
                                                            ignore_mismatched_sizes=True, **kwargs)
@@ -403,8 +403,8 @@ def from_pretrained_checked(where: str | Path, label: str, **kwargs: Any) -> Any
     return model
 
 
-def _check_weight_files(path: Path, label: str) -> None:
-    """Refuse a directory without weights, or with a truncated .safetensors file, naming the file."""
+def check_weight_files(path: Path, label: str) -> None:
+    """Refuse a directory without weights, or with a truncated .safetensors file (headers only), naming the file."""
     from safetensors import SafetensorError, safe_open
 
     files = sorted(path.glob("*.safetensors"))

@@ -185,3 +185,44 @@ def test_smollm2_alias_on_disk_is_bfloat16_and_loads_float32(smollm2):
     size = (smollm2.path / "model.safetensors").stat().st_size
     assert 268e6 < size < 271e6, size          # what users download from the hub: ~269 MB
     assert {p.dtype for p in smollm2.model.parameters()} == {torch.float32}
+
+
+def test_truncated_bin_exit_2(tiny_model_dir, cli):
+    path = tiny_model_dir("llama")
+    tensors = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    torch.save(tensors, path / "pytorch_model.bin")
+    data = (path / "pytorch_model.bin").read_bytes()
+    (path / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    err = _exit2(cli, "info", path)
+    assert "pytorch_model.bin is truncated or damaged" in err, err
+
+
+# ----------------------------------------------------------------------------- llmopt's own GPTQ loader
+
+@pytest.fixture
+def gptq_dir(tiny_model_dir, cli, tmp_path):
+    out = tmp_path / "gptq"
+    code, _, err = cli("quantize", tiny_model_dir("qwen2"), "-o", out, "--method", "rtn", "--group-size", "32")
+    assert code == 0, err
+    return out
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (lambda sd: sd.pop("model.norm.weight"), "missing 1 tensor (model.norm.weight)"),
+    (lambda sd: sd.update({"model.layers.9.extra.weight": torch.zeros(3)}),
+     "unexpected 1 tensor (model.layers.9.extra.weight)"),
+    (lambda sd: sd.update({"model.norm.weight": torch.zeros(65)}),
+     "wrong shape for 1 tensor (model.norm.weight is [65] in the file, [64] in the model)"),
+], ids=["missing", "unexpected", "misshaped"])
+def test_gptq_checkpoint_that_does_not_fit_exit_2(gptq_dir, cli, damage, expect):
+    _rewrite(gptq_dir, damage)
+    err = _exit2(cli, "info", gptq_dir)
+    assert expect in err, err
+
+
+def test_gptq_truncated_safetensors_exit_2(gptq_dir, cli):
+    data = (gptq_dir / "model.safetensors").read_bytes()
+    (gptq_dir / "model.safetensors").write_bytes(data[: len(data) // 2])
+    err = _exit2(cli, "info", gptq_dir)
+    assert "model.safetensors is truncated or damaged" in err, err

@@ -10,11 +10,13 @@ unquantized tensors, never the full-precision model.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from llmopt.errors import UserError
+from llmopt.models import check_loading_info, check_weight_files, reading_weights
 from llmopt.quantize import packing
 from llmopt.quantize.qlinear import QuantLinear
 
@@ -31,13 +33,11 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(path / f))
-    if not files:
-        bins = sorted(path.glob("*.bin"))
-        if not bins:
-            raise UserError(f"{path} has no .safetensors or .bin weights")
-        for f in bins:
+    check_weight_files(path, str(path))
+    with reading_weights(str(path), path):
+        for f in files:
+            tensors.update(load_file(path / f))
+        for f in [] if files else sorted(path.glob("*.bin")):
             tensors.update(torch.load(f, map_location="cpu", weights_only=True))
     return tensors
 
@@ -84,17 +84,28 @@ def load_gptq_model(path: Path, config: dict, device: torch.device, dtype: torch
                              device)
         model.set_submodule(prefix, module)
 
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
-    result = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    _materialize_buffers(model)
-    still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-    if still_meta:
-        raise UserError(f"{path}: the checkpoint lacks {len(still_meta)} tensors the model needs, e.g. "
-                        f"{', '.join(still_meta[:3])}", hint=f"unexpected keys: {result.unexpected_keys[:3]}")
+    _assign_rest(model, tensors, dtype, str(path))
     model.to(device)
     model.config.quantization_config = qconfig
     return model
+
+
+def _assign_rest(model: torch.nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, label: str) -> None:
+    """Assign the unquantized tensors; refuse missing, unexpected or mis-shaped ones as from_pretrained_checked does."""
+    wanted = model.state_dict()
+    mismatched = [(k, v.shape, wanted[k].shape) for k, v in tensors.items() if k in wanted and v.shape != wanted[k].shape]
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()
+             if k in wanted and v.shape == wanted[k].shape}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    _materialize_buffers(model)
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+               if p.is_meta and n not in tensors]
+    ignored = re.compile("|".join([r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$",
+                                   *(model._keys_to_ignore_on_load_unexpected or [])]))
+    unexpected = [k for k in tensors if k not in wanted and not ignored.search(k)]
+    check_loading_info({"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": mismatched},
+                       label)
 
 
 def _materialize_buffers(model: torch.nn.Module) -> None:
