@@ -458,7 +458,8 @@ def check_loading_info(info: dict, label: str) -> None:
             problems.append(_quote(sorted(info[field_name]), what))
     mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
     if mismatched:
-        shapes = [f"{k} is {list(stored)} in the file, {list(wanted)} in the model" for k, stored, wanted in mismatched]
+        shapes = [f"{k} is {list(stored)} in the file, {list(wanted)} in the model"
+                  for k, stored, wanted in mismatched]
         problems.append(_quote(shapes, "wrong shape for"))
     if info.get("error_msgs"):
         problems.append(str(info["error_msgs"][0]).splitlines()[0])

@@ -91,11 +91,12 @@ def load_gptq_model(path: Path, config: dict, device: torch.device, dtype: torch
 
 
 def _assign_rest(model: torch.nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, label: str) -> None:
-    """Assign the unquantized tensors; refuse missing, unexpected or mis-shaped ones as from_pretrained_checked does."""
+    """Assign the unquantized tensors; refuse missing, unexpected or mis-shaped ones, as models.py does for
+    full-precision checkpoints (transformers' own ignore list and stale rotary buffers are not unexpected)."""
     wanted = model.state_dict()
-    mismatched = [(k, v.shape, wanted[k].shape) for k, v in tensors.items() if k in wanted and v.shape != wanted[k].shape]
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()
-             if k in wanted and v.shape == wanted[k].shape}
+    fits = {k: v for k, v in tensors.items() if k in wanted and v.shape == wanted[k].shape}
+    mismatched = [(k, v.shape, wanted[k].shape) for k, v in tensors.items() if k in wanted and k not in fits]
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in fits.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     _materialize_buffers(model)
