@@ -43,17 +43,13 @@ def missing_dir(tiny_model_dir):
     return _rewrite(tiny_model_dir("llama"), lambda sd: [sd.pop(k) for k in DROPPED])
 
 
-@pytest.mark.parametrize("command", [["info"], ["generate", "--prompt", "hi"], ["quantize", "--method", "rtn"]])
-def test_missing_tensors_exit_2_naming_them(missing_dir, cli, tmp_path, command):
-    name, *rest = command
-    args = [name, missing_dir, *rest]
-    if name == "generate":
-        args = [name, missing_dir, "hi", "--max-new-tokens", "2"]
+@pytest.mark.parametrize("command, extra", [
+    ("info", []), ("generate", ["hi", "--max-new-tokens", "2"]), ("quantize", ["--method", "rtn", "-o", "OUT"]),
+])
+def test_missing_tensors_exit_2_naming_them(missing_dir, cli, tmp_path, command, extra):
     out = tmp_path / "quantized"
-    if name == "quantize":
-        args += ["-o", out]
-    err = _exit2(cli, *args)
-    assert "missing 2" in err and all(k in err for k in DROPPED), err
+    err = _exit2(cli, command, missing_dir, *[out if a == "OUT" else a for a in extra])
+    assert "missing 2 tensors" in err and all(k in err for k in DROPPED), err
     assert not out.exists()
 
 
