@@ -8,7 +8,7 @@ tokenizers that add none). Gemma's tokenizer adds a BOS; SmolLM2's does not (its
 <|im_start|>, which is also measured here as a first token).
 
     OMP_WAIT_POLICY=passive LLMOPT_DATA=/path/to/wikitext-2-raw \\
-        python benchmarks/bos_perplexity.py --model gemma3-270m --windows 4
+        python benchmarks/bos_perplexity.py --model gemma3-270m --windows 4 --runs bos no-bos
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--runs", nargs="+", choices=("bos", "no-bos", "no-bos-full"),
+                    default=["bos", "no-bos", "no-bos-full"])
     args = ap.parse_args()
 
     loaded = load_model(args.model, device="cpu")
@@ -45,7 +47,8 @@ def main() -> None:
         "no-bos": Windows(with_bos.ids[:, 1:], False, with_bos.scored_bytes),
         "no-bos-full": cut_eval(corpus, args.seq_len, args.windows, None),
     }
-    for name, windows in runs.items():
+    for name in args.runs:
+        windows = runs[name]
         t0 = time.perf_counter()
         stats = compare_models([loaded.model], [windows])[0]
         print(f"{name:12s} ppl {stats.perplexity:8.3f}  bits/byte {stats.bits_per_byte:.4f}  "
