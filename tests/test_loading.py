@@ -45,6 +45,7 @@ def missing_dir(tiny_model_dir):
 
 @pytest.mark.parametrize("command, extra", [
     ("info", []), ("generate", ["hi", "--max-new-tokens", "2"]), ("quantize", ["--method", "rtn", "-o", "OUT"]),
+    ("quantize", ["--method", "llm-int8", "-o", "OUT"]), ("quantize", ["--method", "nf4", "--skip", "down_proj", "-o", "OUT"]),
 ])
 def test_missing_tensors_exit_2_naming_them(missing_dir, cli, tmp_path, command, extra):
     out = tmp_path / "quantized"

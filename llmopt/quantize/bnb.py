@@ -198,14 +198,14 @@ def store_unquantized_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def quantize_bnb(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     """`llmopt quantize --method llm-int8|nf4|fp4`: quantize while loading, save in transformers' layout."""
     from llmopt.info import count_parameters, weight_bytes
-    from llmopt.models import parse_device, parse_dtype
+    from llmopt.models import from_pretrained_checked, parse_device, parse_dtype
 
     started = time.time()
     device = parse_device(opts.device)
     dtype = parse_dtype(opts.dtype, device)
     out = check_output(opts.output, opts.force)
     require_bitsandbytes()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.src-", dir=out.absolute().parent) as work:
         where, _ = _source_dir(opts, progress, Path(work))
@@ -220,8 +220,8 @@ def quantize_bnb(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
         progress.start(f"Quantizing {opts.model} with bitsandbytes {opts.method} ({len(quantized)} layers)",
                        total=None)
         placement = {"": "cpu"} if device.type == "cpu" else {"": device.index or 0}
-        model = AutoModelForCausalLM.from_pretrained(where, quantization_config=config, dtype=dtype,
-                                                     device_map=placement).eval()
+        model = from_pretrained_checked(where, opts.model, quantization_config=config, dtype=dtype,
+                                        device_map=placement).eval()
         tokenizer = AutoTokenizer.from_pretrained(where)
         progress.finish()
         progress.start("Measuring weight error against the source", total=None)
