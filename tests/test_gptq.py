@@ -322,9 +322,10 @@ def test_cli_quantize_info_counts_parameters(tiny_model_dir, tmp_path, cli):
     assert code == 2 and "already exists" in err
 
 
-def test_loads_a_checkpoint_written_by_another_tool(tiny_model_dir, tmp_path):
-    """Classic-format 4-bit, act-order without static groups (shuffled g_idx), fp16 scales, written
-    here tensor by tensor, not by llmopt's writer."""
+def test_loads_shuffled_g_idx_with_fp16_scales_assembled_tensor_by_tensor(tiny_model_dir, tmp_path):
+    """Classic-format 4-bit, act-order without static groups (shuffled g_idx), fp16 scales, assembled
+    here tensor by tensor rather than by llmopt's writer. Checkpoints written by another tool
+    (GPTQModel) are checked in tests/test_interop.py."""
     from transformers import AutoModelForCausalLM
 
     src = tiny_model_dir("qwen2")
