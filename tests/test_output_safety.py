@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,27 @@ def test_stdin_prompt_with_invalid_utf8_is_refused_before_loading(tmp_path, cli,
         code, _, err = cli("generate", tmp_path / "no-such-model", "-")
         assert code == 2, err
         assert "not valid UTF-8" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_sets_passive_openmp_waiting_before_torch_loads():
+    """OpenMP reads OMP_WAIT_POLICY once, when torch's runtime loads: set after `import torch` it does
+    nothing, and spinning threads stall a shared CPU. The CLI must set it before torch is imported,
+    and leave a value the user chose alone."""
+    probe = textwrap.dedent("""
+        import importlib.abc, os, sys
+        seen = []
+        class Watch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" and not seen:
+                    seen.append(os.environ.get("OMP_WAIT_POLICY"))
+                return None
+        sys.meta_path.insert(0, Watch())
+        import llmopt.cli
+        print(seen[0])
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert run.stdout.strip() == "passive"
+    env["OMP_WAIT_POLICY"] = "active"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert run.stdout.strip() == "active"
