@@ -8,7 +8,7 @@ import typer
 
 from llmopt.cli.common import DataDir, Device, Dtype, Force, Json, RichProgress, app, err_console, print_json
 from llmopt.quantize import QuantizeOptions, quantize as run_quantize
-from llmopt.quantize.options import METHODS, SKIP_HELP
+from llmopt.quantize.options import LM_HEAD_HELP, METHODS, SKIP_HELP
 
 D = QuantizeOptions
 
@@ -41,6 +41,7 @@ def quantize(
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = D.seq_len,
     seed: Annotated[int, typer.Option(help="Seed for picking calibration windows.")] = D.seed,
     skip: Annotated[list[str] | None, typer.Option(help=SKIP_HELP)] = None,
+    lm_head: Annotated[bool | None, typer.Option("--lm-head/--no-lm-head", help=LM_HEAD_HELP)] = D.lm_head,
     threshold: Annotated[float, typer.Option(help="llm-int8: outlier threshold.")] = D.threshold,
     double_quant: Annotated[bool, typer.Option("--double-quant", help="nf4/fp4: also quantize the "
                                                                        "quantization constants.")] = D.double_quant,
@@ -55,6 +56,7 @@ def quantize(
     opts = QuantizeOptions(model=model, output=output, method=method, bits=bits, group_size=group_size, sym=sym,
                            desc_act=desc_act, true_sequential=true_sequential, damp=damp, mse=mse, block_size=block_size,
                            calib=calib, nsamples=nsamples, seq_len=seq_len, seed=seed, skip=list(skip or []),
+                           lm_head=lm_head,
                            threshold=threshold, double_quant=double_quant, compute_dtype=compute_dtype,
                            data_dir=data_dir, device=device, dtype=dtype, force=force)
     summary = run_quantize(opts, RichProgress(not json))

@@ -33,7 +33,11 @@ SKIP_HELP = ("Linear layers to keep in full precision (repeatable). A pattern ma
              "dotted name exactly or as a dotted prefix (model.layers.1 is all of layer 1, not layers "
              "10-19) or suffix (down_proj, mlp.down_proj), with shell wildcards: *.down_proj, or "
              "layers.1[0-9] for layers 10-19. A pattern that matches no Linear is an error. Embeddings "
-             "and lm_head are always kept.")
+             "are always kept; the output head follows --lm-head.")
+LM_HEAD_HELP = ("gptq/rtn/int8: also quantize the output head (lm_head) with the same bits and groups, GPTQ "
+                "calibrated on the final norm's outputs; a head tied to the input embeddings is untied and the "
+                "embeddings written in full precision beside it. Default: on for gptq/rtn/int8 when the "
+                "head's widths fit the layout (always off for bitsandbytes methods).")
 # module names hold identifiers and dots; the rest are fnmatch wildcards
 _SKIP_CHARS = re.compile(r"[\w.*?\[\]!-]+")
 
@@ -86,6 +90,7 @@ class QuantizeOptions:
     seq_len: int = 2048
     seed: int = 0
     skip: list[str] = field(default_factory=list)
+    lm_head: bool | None = None       # None: on for gptq/rtn/int8 when the head can be packed; never for bnb
     threshold: float = 6.0            # llm-int8 outlier threshold
     double_quant: bool = False        # nf4/fp4: quantize the quantization constants too
     compute_dtype: str = "bfloat16"   # nf4/fp4 compute dtype
@@ -141,11 +146,17 @@ class QuantizeOptions:
         require(self.seq_len > 0, f"--seq-len must be positive, got {self.seq_len}")
         require(0 <= self.damp <= 1, f"--damp must be between 0 and 1, got {self.damp}")
         require(self.block_size > 0, f"--block-size must be positive, got {self.block_size}")
+        if self.method == "gptq":                  # the one method that reads calibration text
+            from llmopt.data import check_source
+
+            check_source(self.calib, "--calib", "calib", self.data_dir)
         _refuse_changed(self, FOUR_BIT_ONLY, "--method nf4/fp4")
         _refuse_changed(self, ("threshold",), "--method llm-int8")
 
     def _validate_bnb(self) -> None:
         method = self.method
+        require(self.lm_head is not True, f"--lm-head does not apply to --method {method} (bitsandbytes keeps "
+                "the output head in full precision)", "drop --lm-head, or use --method gptq/rtn/int8")
         require(self.bits is None, f"--bits does not apply to --method {method} (it is {BNB_BITS[method]}-bit by "
                 "definition)", "drop --bits, or use --method gptq/rtn for another width")
         _refuse_changed(self, GPTQ_ONLY, f"gptq/rtn/int8, not to --method {method} (bitsandbytes needs no "

@@ -23,7 +23,8 @@ from llmopt.progress import SILENT, Progress
 from llmopt.quantize import packing
 from llmopt.quantize.gptq import LayerResult, QuantSpec, gptq_quantize, rtn_quantize
 from llmopt.quantize.options import QuantizeOptions, check_skip_matches, skip_matches
-from llmopt.quantize.sequential import decoder_layers, meta_model, quantize_layers, refuse_fused_weights
+from llmopt.quantize.sequential import (decoder_layers, final_norm, meta_model, quantize_layers,
+                                        refuse_fused_weights)
 
 SHARD_BYTES = 4 * 1024 ** 3
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,10 +65,41 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
+def _head_name(model: torch.nn.Module) -> str | None:
+    """The dotted name of the output head, when it is a plain Linear."""
+    head = model.get_output_embeddings()
+    return next((n for n, m in model.named_modules() if m is head), None) if isinstance(head, torch.nn.Linear) \
+        else None
+
+
+def head_plan(model: torch.nn.Module, opts: QuantizeOptions) -> str | None:
+    """The output head's name when it is to be quantized: --lm-head refuses a head the layout cannot
+    hold (or GPTQ cannot calibrate); the default quantizes it whenever it can."""
+    if opts.lm_head is False:
+        return None
+    name = _head_name(model)
+    head = model.get_submodule(name) if name else None
+    why = None
+    if head is None:
+        why = "this model's output head is not a Linear layer"
+    elif head.in_features % 32 or not packing.packable(head.out_features, _spec(opts).bits):
+        why = f"the output head's widths ({head.out_features} x {head.in_features}) do not fill whole int32 words"
+    elif opts.method == "gptq" and final_norm(model) is None:
+        why = "no final norm was found beside the decoder layers to calibrate the head on"
+    require(why is None or opts.lm_head is None, f"--lm-head: {why}", "drop --lm-head (or pass --no-lm-head)")
+    return None if why else name
+
+
+def _tied(model: torch.nn.Module, head: str | None) -> bool:
+    emb = model.get_input_embeddings()
+    return head is not None and model.get_submodule(head).weight is getattr(emb, "weight", None)
+
+
 def _check_model(model: torch.nn.Module, opts: QuantizeOptions) -> None:
     """The option checks that need the model's module tree (a meta model is enough)."""
     refuse_fused_weights(model, opts.method)
     check_skip_matches(opts.skip, _linear_names(model))
+    head_plan(model, opts)
 
 
 def _check_source(opts: QuantizeOptions, progress: Progress) -> Source:
@@ -104,7 +136,10 @@ def _calibration(opts: QuantizeOptions, path: Path) -> tuple[torch.Tensor, str]:
                         directory=opts.data_dir)
 
 
-def quantization_config(opts: QuantizeOptions, spec: QuantSpec, fmt: str, skipped_modules: list[str]) -> dict:
+def quantization_config(opts: QuantizeOptions, spec: QuantSpec, fmt: str, skipped_modules: list[str],
+                        lm_head: bool = False, tied: bool = False) -> dict:
+    """GPTQModel's keys; `meta.tied_embeddings` says the written embeddings were the head's own weight
+    (the config is untied so that loaders keep them apart; llmopt's runtime may serve them from the head)."""
     from llmopt import __version__
 
     config = {
@@ -116,12 +151,14 @@ def quantization_config(opts: QuantizeOptions, spec: QuantSpec, fmt: str, skippe
         "sym": spec.sym,
         "damp_percent": opts.damp,
         "true_sequential": opts.true_sequential,
-        "lm_head": False,
+        "lm_head": lm_head,
         "format": fmt,
         "checkpoint_format": fmt,
         "pack_dtype": "int32",
         "meta": {"quantizer": [f"llmopt:{__version__}"], "method": opts.method, "mse": spec.mse},
     }
+    if lm_head and tied:
+        config["meta"]["tied_embeddings"] = True
     if skipped_modules:   # GPTQModel's per-module override: "-:" excludes matching modules
         config["dynamic"] = {f"-:^{name.replace('.', '[.]')}$": {} for name in skipped_modules}
     return config
@@ -198,9 +235,9 @@ def _error_metrics(opts: QuantizeOptions, rows: list[dict]) -> dict:
             else "relative weight error"}
 
 
-def _packed_metrics(layers: torch.nn.ModuleList, prefix: str, done, packed: dict) -> dict:
+def _packed_metrics(model: torch.nn.Module, done, packed: dict) -> dict:
     """The quantized layers alone: their packed bytes, and those over 2 bytes per weight they replace."""
-    params_q = sum(layers.get_submodule(q.name[len(prefix) + 1:]).weight.numel() for q in done)
+    params_q = sum(model.get_submodule(q.name).weight.numel() for q in done)
     bytes_q = sum(sum(t.numel() * t.element_size() for t in p.values()) for p in packed.values())
     return {"quantized_bytes": bytes_q, "quantized_bytes_vs_bf16": round(bytes_q / (2 * params_q), 4)}
 
@@ -239,6 +276,8 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     params = sum(p.numel() for p in model.parameters())
     prefix, layers = decoder_layers(model)
     skip_names = list(opts.skip) + _unpackable(layers, prefix, spec, opts.skip, progress)
+    head = head_plan(model, opts)
+    tied = _tied(model, head)
 
     def solve(name: str, linear: torch.nn.Linear, h: torch.Tensor | None) -> LayerResult:
         if opts.method == "gptq":
@@ -248,7 +287,7 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
 
     t = time.time()
     done = quantize_layers(model, solve, windows=windows, device=device, skip=skip_names,
-                           true_sequential=opts.true_sequential, progress=progress)
+                           true_sequential=opts.true_sequential, head=head, progress=progress)
     quant_s = time.time() - t
     require(bool(done), "no Linear layer was quantized", "check --skip patterns")
 
@@ -257,12 +296,12 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
                                          spec.bits, fmt) for q in done}
     quantized_names = {q.name for q in done}
     kept = [f"{prefix}.{n}" for n in _linear_names(layers) if f"{prefix}.{n}" not in quantized_names]
-    qconfig = quantization_config(opts, spec, fmt, kept)
+    qconfig = quantization_config(opts, spec, fmt, kept, lm_head=head is not None, tied=tied)
     tensors = _state_dict(model, packed, out_dtype)
 
     rows = _layer_rows(done)
     metrics = {"quantized_layers": len(done), "kept_layers": kept,
-               **_error_metrics(opts, rows), **_packed_metrics(layers, prefix, done, packed),
+               **_error_metrics(opts, rows), **_packed_metrics(model, done, packed),
                **_size_metrics(tensors, params, out_dtype),
                "calibration": calib_desc,
                "calibration_tokens": int(windows.numel()) if windows is not None else 0,
@@ -284,6 +323,10 @@ def _write(out: Path, opts: QuantizeOptions, loaded, tensors: dict[str, torch.Te
         model.config.save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text())
         cfg["quantization_config"] = qconfig
+        if qconfig["meta"].get("tied_embeddings"):   # the file holds both: loaders must not re-tie them
+            for c in (cfg, cfg.get("text_config")):
+                if isinstance(c, dict):
+                    c["tie_word_embeddings"] = False
         cfg["dtype"] = str(dtype).replace("torch.", "")
         if "torch_dtype" in cfg:
             cfg["torch_dtype"] = cfg["dtype"]

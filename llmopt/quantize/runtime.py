@@ -5,6 +5,12 @@ that has a `qweight` in the checkpoint becomes a `QuantLinear` on the target dev
 tensors are assigned directly, and buffers not stored in checkpoints (rotary frequencies) are
 computed by transformers' own initialisation. Peak memory is the packed checkpoint plus the
 unquantized tensors, never the full-precision model.
+
+A quantized output head (`lm_head: true`) loads like any other Linear. When the checkpoint says the
+source tied its input embeddings to that head (`meta.tied_embeddings`), the full-precision
+embeddings in the file (there for other loaders) are dropped after loading and the lookups served
+from the head's codes (`QuantEmbedding`): the table is then held once, quantized, as in the source
+(docs/formats.md gives the quality this costs; `EMBEDDINGS_FROM_HEAD` turns it off).
 """
 
 from __future__ import annotations
@@ -21,6 +27,78 @@ from llmopt.quantize import packing
 from llmopt.quantize.qlinear import QuantLinear
 
 _QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx")
+# serve a tied model's embeddings from its quantized head (False: keep the file's full-precision table)
+EMBEDDINGS_FROM_HEAD = True
+_CPU_BLOCK_N = 64     # output rows per block of the CPU int4 kernel's weight buffer
+
+
+def head_rows(head: QuantLinear, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` of the head's dequantized weight, [*ids.shape, in_features], equal to
+    `head.dequantized_weight(dtype)[ids]` but dequantizing only those rows (except on the CUDA int4 path,
+    whose buffer layout is opaque: there the whole weight is dequantized)."""
+    flat = ids.reshape(-1).long()
+    if head.mode == "int4" and getattr(head, "cheap_dequant", False):
+        # CPU int4 buffer: blocks of 64 rows; byte j of each input row holds row j (low nibble), 32 + j (high)
+        b = head.w_int4.view(head.n_pad // _CPU_BLOCK_N, head.k_pad, _CPU_BLOCK_N // 2)
+        within = flat % _CPU_BLOCK_N
+        raw = b[flat // _CPU_BLOCK_N, :, within % (_CPU_BLOCK_N // 2)]          # [M, Kp]
+        codes = torch.where((within < _CPU_BLOCK_N // 2).unsqueeze(1), raw & 15, raw >> 4)
+        sz = head.scales_zeros[:, flat].float()                                # [Kp/kg, M, 2]
+        scale, offset = sz[..., 0].t(), (sz[..., 1] - 8 * sz[..., 0]).t()       # [M, Kp/kg]
+        q = codes.to(dtype).view(len(flat), -1, head.kernel_group)
+        w = torch.addcmul(offset.to(dtype).unsqueeze(2), q, scale.to(dtype).unsqueeze(2))
+        w = w.reshape(len(flat), head.k_pad)[:, : head.in_features]
+        if head.perm is not None:     # kernel columns are sorted by group: back to the checkpoint's order
+            w = torch.empty_like(w).index_copy_(1, head.perm, w)
+    elif head.mode == "int8":
+        w = head.w_int8[flat].to(dtype) * head.scales_bf16[flat].to(dtype).unsqueeze(1)
+        if head.zero_shift is not None:
+            w = w - head.zero_shift[flat].to(dtype).unsqueeze(1)
+    elif head.mode == "dequant":
+        codes = packing.unpack_rows(head.qweight[:, flat], head.bits, head.in_features).t()
+        w = packing.dequantize(codes, head.zeros[:, flat], head.scales[:, flat], head.g_idx.long(), dtype)
+    else:
+        w = head.dequantized_weight(dtype)[flat]
+    return w.reshape(*ids.shape, head.in_features)
+
+
+class QuantEmbedding(torch.nn.Module):
+    """Input embeddings read from a quantized output head that the source tied to them: a lookup
+    dequantizes only the rows it needs. `embed_scale` keeps a scaled embedding's factor (Gemma3
+    multiplies by sqrt(hidden), cast to the model's dtype). The head is referenced, not registered, so
+    its codes are held and counted once; `weight` is a storage-free stand-in (shape, dtype, device),
+    also set on the head, so code that checks for a tied head sees one."""
+
+    def __init__(self, head: QuantLinear, dtype: torch.dtype, padding_idx: int | None = None,
+                 embed_scale: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.__dict__["head"] = head
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.padding_idx, self.dtype = padding_idx, dtype
+        device = next(head.buffers()).device
+        self.register_buffer("embed_scale", None if embed_scale is None else embed_scale.to(device),
+                             persistent=False)
+        self.weight = torch.empty((), dtype=dtype, device=device).expand(self.num_embeddings, self.embedding_dim)
+        head.weight = self.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = head_rows(self.head, input_ids, self.dtype)
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, from the quantized head"
+
+
+def embeddings_from_head(model: torch.nn.Module) -> None:
+    """Replace the input embeddings by a `QuantEmbedding` reading the quantized head, freeing the table."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(head, QuantLinear) or not isinstance(emb, torch.nn.Embedding):
+        return
+    if emb.weight.shape != (head.out_features, head.in_features):
+        return
+    scale = getattr(emb, "embed_scale", None)
+    model.set_input_embeddings(QuantEmbedding(head, emb.weight.dtype, emb.padding_idx,
+                                              scale if isinstance(scale, torch.Tensor) else None))
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -87,6 +165,8 @@ def load_gptq_model(path: Path, config: dict, device: torch.device, dtype: torch
     _assign_rest(model, tensors, dtype, str(path))
     model.to(device)
     model.config.quantization_config = qconfig
+    if EMBEDDINGS_FROM_HEAD and qconfig.get("lm_head") and (qconfig.get("meta") or {}).get("tied_embeddings"):
+        embeddings_from_head(model)
     return model
 
 

@@ -20,6 +20,10 @@ replayed after that instead of recomputed: the gate/up pass records the attentio
 pass and the final pass replay it. This keeps the layer-by-layer time near its floor of two plain
 forward passes (docs/quantize.md), at the cost of one more copy of the calibration activations.
 
+The output head (optional) comes last: its calibration inputs are the final norm applied to the
+last layer's outputs. Its dequantized weight is not written back: nothing runs after it, and a head
+tied to the input embeddings would change them too.
+
 Round-to-nearest needs no calibration and skips the forward passes entirely.
 """
 
@@ -48,7 +52,7 @@ class _Stop(Exception):
 @dataclass
 class Quantized:
     name: str
-    layer: int
+    layer: int | None          # decoder index; None for the output head
     result: LayerResult
     seconds: float
 
@@ -292,12 +296,48 @@ def _collect(layer: torch.nn.Module, stage: list[str], inputs: torch.Tensor, kw:
     return {n: accs[owner[n]].h for n in stage if n in owner}
 
 
+def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The norm between the decoder stack and the output head: `norm` beside the stack (LLaMA, Qwen2,
+    Gemma3 and most decoders keep it there)."""
+    prefix, _ = decoder_layers(model)
+    parent = model.get_submodule(prefix.rpartition(".")[0])
+    norm = getattr(parent, "norm", None)
+    return norm if isinstance(norm, torch.nn.Module) else None
+
+
+@torch.inference_mode()
+def quantize_head(model: torch.nn.Module, name: str, solve: Solver, hidden: torch.Tensor | None,
+                  device: torch.device) -> Quantized:
+    """Quantize the output head `name` on the final norm of the last layer's outputs `hidden` (None:
+    round-to-nearest). The weight is left as it was (see the module docstring)."""
+    head = model.get_submodule(name)
+    home = head.weight.device
+    h = None
+    t0 = time.perf_counter()
+    head.to(device)
+    if hidden is not None:
+        norm = final_norm(model)
+        norm_home = next(norm.parameters()).device
+        norm.to(device)
+        acc = HessianAccumulator(head.in_features, device)
+        for j in range(len(hidden)):
+            acc.add(norm(hidden[j: j + 1]))
+        norm.to(norm_home)
+        h = acc.h
+    try:
+        result = solve(name, head, h)
+    finally:
+        head.to(home)
+    return Quantized(name, None, result, time.perf_counter() - t0)
+
+
 @torch.inference_mode()
 def quantize_layers(model: torch.nn.Module, solve: Solver, *, windows: torch.Tensor | None,
                     device: torch.device, skip: list[str], true_sequential: bool = True,
-                    progress: Progress = SILENT) -> list[Quantized]:
+                    head: str | None = None, progress: Progress = SILENT) -> list[Quantized]:
     """Quantize every Linear inside the decoder layers (not matching `skip`) in place, replacing its
-    weight by the dequantized result. `windows` None: no calibration (round-to-nearest)."""
+    weight by the dequantized result, then the output head `head` when given (last in the list).
+    `windows` None: no calibration (round-to-nearest)."""
     prefix, layers = decoder_layers(model)
     inputs, kwargs = (None, None)
     if windows is not None:
@@ -347,4 +387,8 @@ def quantize_layers(model: torch.nn.Module, solve: Solver, *, windows: torch.Ten
             if last else {}
         progress.advance(1, layer=i, **info)
     progress.finish()
+    if head is not None:
+        progress.start(f"Quantizing {head}", total=None)
+        done.append(quantize_head(model, head, solve, inputs, device))
+        progress.finish()
     return done
