@@ -33,9 +33,11 @@ _CPU_BLOCK_N = 64     # output rows per block of the CPU int4 kernel's weight bu
 
 
 def head_rows(head: QuantLinear, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows `ids` of the head's dequantized weight, [*ids.shape, in_features], equal to
-    `head.dequantized_weight(dtype)[ids]` but dequantizing only those rows (except on the CUDA int4 path,
-    whose buffer layout is opaque: there the whole weight is dequantized)."""
+    """Rows `ids` of the head's dequantized weight W [N, K] in the checkpoint's column order, as
+    `[*ids.shape, K]` in `dtype`: `head.dequantized_weight(torch.float32)` rounded once to `dtype`,
+    dequantizing only those rows (except on the CUDA int4 path, whose buffer layout is opaque: there the
+    whole weight is)."""
+    out_dtype, dtype = dtype, torch.float32
     flat = ids.reshape(-1).long()
     if head.mode == "int4" and getattr(head, "cheap_dequant", False):
         # CPU int4 buffer: blocks of 64 rows; byte j of each input row holds row j (low nibble), 32 + j (high)
@@ -59,7 +61,7 @@ def head_rows(head: QuantLinear, ids: torch.Tensor, dtype: torch.dtype) -> torch
         w = packing.dequantize(codes, head.zeros[:, flat], head.scales[:, flat], head.g_idx.long(), dtype)
     else:
         w = head.dequantized_weight(dtype)[flat]
-    return w.reshape(*ids.shape, head.in_features)
+    return w.to(out_dtype).reshape(*ids.shape, head.in_features)
 
 
 class QuantEmbedding(torch.nn.Module):
