@@ -18,32 +18,60 @@ Which path a layer takes is decided once, when it is built:
   are dequantized on every call.
 
 The CPU kernels are only fast with bfloat16 activations, so inputs are cast to bfloat16 and the
-result back. `forward_dequant` instead dequantizes the weight from the packed kernel buffer (nothing
-cached, so memory stays at the packed size) and multiplies in the input's dtype. Measured on a
-2-core CPU under load (benchmarks/gptq_kernels.py), the int4 kernel with bf16 activations runs
-at 0.4x to 1.3x of fp32 F.linear on SmolLM2's decoder layers and 2.3x on its 49152-row head at
-decode (1 to 16 rows), and 0.2x to 0.6x at prefill (64 to 512 rows); dequantizing the packed
-weight on every call is slower still at every row count, so `forward` uses the kernel throughout;
-`DEQUANT_MIN_ROWS` switches large inputs to the dequantize path should another machine measure
-otherwise.
+result back. They win at decode but lose to a BLAS GEMM at prefill, so on CPU from `DEQUANT_MIN_ROWS`
+rows `forward` takes `forward_dequant`: the weight is dequantized on every call straight from the
+kernel's packed buffer (nibbles split with masks and shifts, scales broadcast per group, in chunks of
+output rows that stay in cache; nothing cached, so memory stays at 4 bits per weight plus the scales)
+and multiplied by the GEMM in `dequant_dtype()`: bfloat16 where the CPU has native bf16 dot products
+(oneDNN runs it at about 2x fp32), float32 elsewhere. Kernel-free layers (2/3 bits, grouped 8 bits)
+always dequantize, with the same word-at-a-time unpack, and multiply in the input's dtype.
+Measured speeds and the crossover: docs/runtime.md.
 """
 
 from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from llmopt.quantize import packing
 
-# rows (tokens) from which to dequantize + matmul instead of calling the kernels on CPU; None: never
-# (benchmarks/gptq_kernels.py measures the crossover; on our machine there was none)
-DEQUANT_MIN_ROWS: int | None = None
+# rows (tokens) from which the CPU forward dequantizes + runs the BLAS GEMM instead of calling the kernels;
+# None: never. Measured by `python benchmarks/gptq_kernels.py` (docs/runtime.md).
+DEQUANT_MIN_ROWS: int | None = 64
+# dtype the dequantize path multiplies in on CPU; None: bfloat16 where the CPU has native bf16 dot products
+# (oneDNN's bf16 GEMM runs at about 2x fp32 there), float32 elsewhere
+DEQUANT_DTYPE: torch.dtype | None = None
+# output rows dequantized at a time for the large layers (the head), so a chunk stays in cache
+_DEQUANT_CHUNK = 4096
 _KERNEL_GROUPS = (32, 64, 128, 256)
 _CPU_BLOCK_N = 64
 
 
 def _op(name: str):
     return getattr(torch.ops.aten, name, None)
+
+
+@functools.cache
+def _native_bf16() -> bool:
+    """Whether the CPU has bf16 dot-product instructions (Linux's flags; False when unknown)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags)) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def dequant_dtype(device_type: str = "cpu", input_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype the dequantize path multiplies in: `DEQUANT_DTYPE`, else bf16 on CPUs with native bf16."""
+    if device_type != "cpu":
+        return input_dtype
+    if DEQUANT_DTYPE is not None:
+        return DEQUANT_DTYPE
+    return torch.bfloat16 if _native_bf16() else torch.float32
 
 
 def _ceil_to(n: int, m: int) -> int:
@@ -128,6 +156,7 @@ class QuantLinear(torch.nn.Module):
         self.mode = "int4"
         # prefill dequantizes from the kernel's own CPU buffer; check that we read its layout right
         self.cheap_dequant = not cuda and torch.equal(self._int4_codes_t().t().to(torch.int32), codes.to(device))
+        self.zero_offsets = bool((sz[..., 1] != 0).any())   # symmetric layers skip the add
 
     def _init_int8(self, q, zeros, scales, device) -> None:
         s = scales.float()[0]                             # [N]
@@ -147,6 +176,10 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("zeros", zeros.to(torch.int16).to(device))
         self.register_buffer("scales", scales.to(torch.float16).to(device))
         self.register_buffer("g_idx", g_idx.to(torch.int32).to(device))
+        g = g_idx.long()
+        rows = k // zeros.shape[0]
+        in_order = k % zeros.shape[0] == 0 and torch.equal(g, torch.arange(k) // rows)
+        self.group_rows = rows if in_order else None   # None: scales gathered through g_idx
 
     # ----------------------------------------------------------------------------------- reading
 
@@ -157,11 +190,53 @@ class QuantLinear(torch.nn.Module):
         codes = torch.cat([b & 15, b >> 4], dim=-1)       # [Nb, Kp, 64]
         return codes.transpose(0, 1).reshape(self.k_pad, self.n_pad)
 
+    def _int4_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        """W [r1 - r0, Kp] in `dtype` for output rows r0:r1 (multiples of 64), from the CPU kernel's buffer:
+        nibbles split straight into W's row order (one strided pass over the packed bytes), then
+        W = (q - 8) * scale + zero_f per group, as the kernel computes it."""
+        b = self.w_int4.view(self.n_pad // _CPU_BLOCK_N, self.k_pad, _CPU_BLOCK_N // 2)[r0 // 64: r1 // 64]
+        b = b.transpose(1, 2)                             # [blocks, 32, Kp]
+        codes = torch.empty(b.shape[0], 2, _CPU_BLOCK_N // 2, self.k_pad, dtype=torch.uint8, device=b.device)
+        torch.bitwise_and(b, 15, out=codes[:, 0])
+        torch.bitwise_right_shift(b, 4, out=codes[:, 1])
+        w = codes.view(torch.int8).sub_(8).to(dtype).view(r1 - r0, -1, self.kernel_group)
+        sz = self.scales_zeros[:, r0:r1].to(dtype)        # [Kp/kg, rows, 2]
+        w.mul_(sz[..., 0].t().unsqueeze(2))
+        if self.zero_offsets:
+            w.add_(sz[..., 1].t().unsqueeze(2))
+        return w.view(r1 - r0, self.k_pad)
+
+    def _unpacked_codes_t(self) -> torch.Tensor:
+        """Codes [Kp, N] of the dequant path's `qweight`, whole words at a time with shifts and masks."""
+        words, bits = self.qweight, self.bits
+        n = words.shape[1]
+        if bits != 3:
+            shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device).view(1, -1, 1)
+            return ((words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).view(-1, n)
+        # 32 values fill 3 words: values 0..20 lie in bits 0..62 of words 0-1, values 21..31 in bits 31..95
+        w = words.view(-1, 3, n).to(torch.int64) & 0xFFFFFFFF
+        lo, hi = w[:, 0] | w[:, 1] << 32, w[:, 1] | w[:, 2] << 32
+        shifts = torch.arange(0, 96, 3, device=words.device).view(1, -1, 1)
+        low = (lo.unsqueeze(1) >> shifts[:, :21]) & 7
+        high = (hi.unsqueeze(1) >> (shifts[:, 21:] - 32)) & 7
+        return torch.cat([low, high], 1).view(-1, n)
+
+    def _dequant_codes_t(self, dtype: torch.dtype) -> torch.Tensor:
+        """W^T [K, N] in `dtype` for the dequant path: (q - zero) * scale, one rounding in `dtype`."""
+        q = self._unpacked_codes_t()[: self.in_features].to(dtype)
+        s, z = self.scales.to(dtype), self.zeros.to(dtype)
+        if self.group_rows is None:
+            g = self.g_idx.long()
+            return q.sub_(z[g]).mul_(s[g])
+        qv = q.view(-1, self.group_rows, self.out_features)
+        qv.sub_(z.unsqueeze(1)).mul_(s.unsqueeze(1))
+        return q
+
     def dequantized_weight_t(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W^T [K, N] in `dtype`, in the column order the forward uses (after `perm`)."""
         if self.mode == "int4":
             if self.cheap_dequant:
-                codes = self._int4_codes_t()
+                return self._int4_rows(0, self.n_pad, dtype).t()[: self.in_features, : self.out_features]
             else:   # read the layout back through the kernel itself (identity input)
                 eye = torch.eye(self.k_pad, dtype=torch.bfloat16, device=self.w_int4.device)
                 ones = self.scales_zeros.clone()
@@ -177,8 +252,7 @@ class QuantLinear(torch.nn.Module):
             if self.zero_shift is not None:
                 w = w - self.zero_shift.to(dtype).unsqueeze(1)
             return w.t()
-        codes = packing.unpack_rows(self.qweight, self.bits, self.in_features).t()
-        return packing.dequantize(codes, self.zeros, self.scales, self.g_idx.long(), dtype).t()
+        return self._dequant_codes_t(dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W [N, K] (a transposed view)."""
@@ -215,12 +289,34 @@ class QuantLinear(torch.nn.Module):
             y = y + self.bias.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
+    def _int4_dequant_mm(self, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x2 [M, K] @ W^T with W dequantized in chunks of output rows (a chunk stays in cache)."""
+        xd = x2.to(dtype)
+        if self.k_pad != self.in_features:
+            xd = F.pad(xd, (0, self.k_pad - self.in_features))
+        y = torch.empty(xd.shape[0], self.n_pad, dtype=dtype, device=xd.device)
+        for r0 in range(0, self.n_pad, _DEQUANT_CHUNK):
+            r1 = min(r0 + _DEQUANT_CHUNK, self.n_pad)
+            torch.mm(xd, self._int4_rows(r0, r1, dtype).t(), out=y[:, r0:r1])
+        return y[:, : self.out_features]
+
     def forward_dequant(self, x: torch.Tensor) -> torch.Tensor:
-        """Dequantize the weight (not cached) and multiply in the input's dtype."""
+        """Dequantize the weight on every call (nothing cached, so memory stays at the packed size) and
+        multiply with the BLAS GEMM: int4/int8 layers in `dequant_dtype()` (their kernels already round the
+        activations to bf16), the kernel-free layers in the input's dtype (exact for float32 inputs)."""
+        shape = x.shape
+        dtype = dequant_dtype(x.device.type, x.dtype) if self.mode != "dequant" else x.dtype
+        x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
-            x = x.index_select(-1, self.perm)
-        y = torch.matmul(x, self.dequantized_weight_t(x.dtype))
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+            x2 = x2.index_select(1, self.perm)
+        if self.mode == "int4" and self.cheap_dequant:
+            y = self._int4_dequant_mm(x2, dtype)
+        else:
+            y = torch.mm(x2.to(dtype), self.dequantized_weight_t(dtype))
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
