@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from llmopt.quantize import packing
 
 # rows (tokens) from which the CPU forward dequantizes + runs the BLAS GEMM instead of calling the kernels;
-# None: never. Measured by `python benchmarks/gptq_kernels.py` (docs/runtime.md).
-DEQUANT_MIN_ROWS: int | None = 64
+# None: never. Measured by `OMP_WAIT_POLICY=passive python benchmarks/gptq_kernels.py --repeat 5 --budget 2`:
+# one decoder layer's Linears cross over at 128 rows, the head at 256 (docs/runtime.md).
+DEQUANT_MIN_ROWS: int | None = 128
 # dtype the dequantize path multiplies in on CPU; None: bfloat16 where the CPU has native bf16 dot products
 # (oneDNN's bf16 GEMM runs at about 2x fp32 there), float32 elsewhere
 DEQUANT_DTYPE: torch.dtype | None = None
