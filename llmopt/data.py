@@ -14,7 +14,14 @@ Sources (the `--calib`, `--ppl-data` and `--data` values):
   configured, else builtin. Reports record which source was actually read.
 - a path to a `.jsonl` file (its `"text"` fields joined with "\\n\\n"), a WikiText `.raw` file
   (named `wiki.*.raw`, or WikiText by its content: read exactly as `wikitext2` reads it, so the same
-  file gives the same numbers both ways), or any other text file (used as is).
+  file gives the same numbers both ways), any other text file (used as is), or a folder holding
+  `wiki.*.raw` files (read as `wikitext2` with that folder).
+
+`check_source` refuses, without reading the text or the network, the sources `load_text` would
+refuse for want of a file, folder or package (a missing file, a folder without the split's
+`wiki.*.raw`, wikitext2 with neither a data folder nor `datasets`, c4 without `datasets`); a file's
+content is judged when it is read. Each command's options call it in `validate()`,
+so `llmopt run --dry-run` and a recipe's start catch it instead of the step that reads the text.
 
 Evaluation follows the GPTQ paper's convention: the split's rows joined with "\\n\\n", tokenized
 once, cut into non-overlapping windows. Windows start with the BOS token when the model's tokenizer
@@ -27,6 +34,7 @@ bytes of the text the scored tokens cover, for bits per byte (comparable across 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -38,6 +46,10 @@ import torch
 from llmopt.errors import MissingExtra, UserError
 
 NAMED_SOURCES = ("wikitext2", "c4", "builtin")
+# the WikiText-2 files each split reads from a data folder, first present wins (never test for calibration)
+WIKI_FILES = {"eval": ("wiki.test.raw",), "calib": ("wiki.train.raw", "wiki.valid.raw"),
+              "train": ("wiki.train.raw", "wiki.valid.raw")}
+DATA_DIR_HINT = "point --data-dir / $LLMOPT_DATA at the wikitext-2-raw folder"
 
 
 @dataclass
@@ -56,17 +68,21 @@ def _wikitext_rows_from_raw(raw: str) -> list[str]:
     return [line if line.strip() else "" for line in raw.splitlines(keepends=True)]
 
 
-def _wikitext(split: str, directory: Path | None) -> Text:
+def _wiki_file(directory: Path, split: str, what: str) -> Path:
+    """The WikiText-2 file `split` reads from this folder; UserError naming the files looked for."""
+    for name in WIKI_FILES[split]:
+        if (directory / name).is_file():
+            return directory / name
+    if not directory.is_dir():
+        raise UserError(f"{what}: data directory {directory} does not exist", hint=DATA_DIR_HINT)
+    raise UserError(f"{what}: {directory} holds none of {', '.join(WIKI_FILES[split])}", hint=DATA_DIR_HINT)
+
+
+def _wikitext(split: str, directory: Path | None, what: str = "wikitext2") -> Text:
     if directory is not None:
-        names = {"eval": ["wiki.test.raw"], "calib": ["wiki.train.raw", "wiki.valid.raw"],
-                 "train": ["wiki.train.raw", "wiki.valid.raw"]}[split]
-        for name in names:
-            f = directory / name
-            if f.is_file():
-                rows = _wikitext_rows_from_raw(f.read_text(encoding="utf-8"))
-                return Text("\n\n".join(rows), f"wikitext2:{f} (rows joined with \\n\\n)")
-        raise UserError(f"wikitext2: {directory} holds none of {', '.join(names)}",
-                        hint="point --data-dir / $LLMOPT_DATA at the wikitext-2-raw folder")
+        f = _wiki_file(directory, split, what)
+        rows = _wikitext_rows_from_raw(f.read_text(encoding="utf-8"))
+        return Text("\n\n".join(rows), f"wikitext2:{f} (rows joined with \\n\\n)")
     try:
         import datasets
     except ImportError as e:
@@ -160,12 +176,48 @@ def load_text(source: str, split: str = "eval", directory: str | Path | None = N
     if path.is_file():
         return _file(path)
     if path.is_dir():
-        for candidate in ("wiki.test.raw",) if split == "eval" else ("wiki.train.raw", "wiki.valid.raw"):
-            if (path / candidate).is_file():
-                return _wikitext(split, path)
-        raise UserError(f"data source {name} is a directory without wiki.*.raw files")
+        return _wikitext(split, path, f"data source {name}")
     raise UserError(f"data source '{name}' is neither a file nor one of {', '.join(NAMED_SOURCES)}",
-                    hint="pass a .txt/.jsonl path, wikitext2 (with --data-dir), c4 or builtin")
+                    hint=SOURCE_HINT)
+
+
+SOURCE_HINT = f"pass a .txt/.jsonl file, a folder with wiki.*.raw, or one of {', '.join(NAMED_SOURCES)}"
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def check_source(source: str, flag: str, split: str, directory: str | Path | None = None) -> None:
+    """Refuse a source that `load_text(source, split, directory)` would refuse, without reading it or the
+    network: the one check every options class's validate() runs, so a recipe's --dry-run catches it.
+
+    `flag` names the option in the message (--ppl-data, --calib, --data). Online sources only need the
+    `datasets` package to be importable here; whether the hub answers is known when the text is read.
+    """
+    name = resolve_auto(source, directory).strip()
+    key = name.lower()
+    if key == "builtin":
+        return
+    if key == "c4":
+        if not _importable("datasets"):
+            raise MissingExtra("datasets", "data", f"{flag} c4 (read through the hub)")
+        return
+    if key == "wikitext2":
+        d = data_dir(directory)
+        if d is not None:
+            _wiki_file(d, split, f"{flag} wikitext2")
+        elif not _importable("datasets"):
+            raise UserError(f"{flag} wikitext2 needs a data directory (--data-dir or $LLMOPT_DATA: a folder with "
+                            f"{' or '.join(WIKI_FILES[split])}) offline, or the 'datasets' package online",
+                            hint=DATA_DIR_HINT + ", or pip install 'llmopt[data]'")
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        _wiki_file(path, split, f"{flag} {name}")
+    elif not path.is_file():
+        raise UserError(f"{flag} {name} is neither a file nor one of {', '.join(NAMED_SOURCES)} (it does not exist)",
+                        hint=SOURCE_HINT)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -239,6 +291,11 @@ class Windows:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def part(self, rows: slice) -> "Windows":
+        """These rows of the windows, with their byte counts (a held-out tail, say)."""
+        scored = None if self.scored_bytes is None else self.scored_bytes[rows]
+        return Windows(self.ids[rows], self.bos, scored, self.description)
+
 
 def _with_bos(chunks: torch.Tensor, bos: int | None) -> torch.Tensor:
     if bos is None:
@@ -264,7 +321,7 @@ def cut_eval(corpus: Corpus, seq_len: int, max_windows: int | None = None, bos: 
     if bos is not None and seq_len < 3:
         raise UserError(f"--seq-len {seq_len} leaves no token to score after the BOS and the first text token",
                         hint="use --seq-len 3 or more")
-    span = seq_len - 1 if bos is not None else seq_len
+    span = text_per_window(seq_len, bos)
     chunks = eval_windows(corpus.ids, span, max_windows)
     scored = None
     if corpus.byte_ends is not None:
@@ -298,9 +355,13 @@ def load_windows(tokenizer, source: str, split: str, seq_len: int, *, nsamples: 
         return cut_eval(tokenize_corpus(tokenizer, text.text), seq_len, max_windows, bos, description)
     if bos is not None and seq_len < 2:
         raise UserError("--seq-len must be at least 2 to hold the BOS and a text token")
-    span = seq_len - 1 if bos is not None else seq_len
-    chunks = random_windows(tokenize(tokenizer, text.text), nsamples, span, seed)
+    chunks = random_windows(tokenize(tokenizer, text.text), nsamples, text_per_window(seq_len, bos), seed)
     return Windows(_with_bos(chunks, bos), bos is not None, None, description)
+
+
+def text_per_window(seq_len: int, bos: int | None) -> int:
+    """Text tokens in a window of seq_len tokens: all of them, or all but the BOS."""
+    return seq_len - 1 if bos is not None else seq_len
 
 
 def text_windows(tokenizer, source: str, split: str, seq_len: int, *, nsamples: int | None = None,

@@ -178,3 +178,94 @@ def test_multibyte_characters_are_counted_in_full(tiny_tokenizer, tmp_path):
     w = data.load_windows(tiny_tokenizer, str(f), "eval", 50)
     for k in range(len(w)):
         assert abs(int(w.scored_bytes[k]) - byte_len(tiny_tokenizer, w.ids[k, 1:])) <= 3, k
+
+
+# ----------------------------------------------------------------------------- data sources checked up front
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No data directory configured and no `datasets` package: the offline machine wikitext2 and c4 fail on."""
+    import sys
+
+    monkeypatch.delenv("LLMOPT_DATA", raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)     # find_spec says None and `import datasets` fails
+
+
+def _gaps(tmp_path) -> list[tuple[str, str | None, str]]:
+    """(source, data_dir, message) that load_text refuses for every split; each passes a shallow
+    exists-or-named check."""
+    empty = tmp_path / "empty"
+    empty.mkdir(exist_ok=True)
+    return [("wikitext2", None, "needs a data directory"),
+            ("wikitext2", str(empty), f"{empty} holds none of"),
+            ("wikitext2", str(tmp_path / "absent"), "does not exist"),
+            ("c4", None, "llmopt[data]"),
+            (str(empty), None, f"{empty} holds none of"),
+            (str(tmp_path / "missing.txt"), None, "neither a file")]
+
+
+def _refused(call, message: str) -> str:
+    with pytest.raises(UserError) as e:
+        call()
+    assert message in str(e.value)
+    return str(e.value)
+
+
+def test_check_source_refuses_what_load_text_refuses(tmp_path, offline):
+    for source, directory, message in _gaps(tmp_path):
+        for split in ("eval", "calib", "train"):
+            _refused(lambda: data.check_source(source, "--data", split, directory), message)
+            _refused(lambda: data.load_text(source, split, directory), "")
+
+
+def test_check_source_knows_which_files_each_split_reads(tmp_path, wikitext_dir, offline):
+    """Evaluation reads wiki.test.raw only; calibration and training read train or valid, never test."""
+    valid_only, test_only = tmp_path / "valid", tmp_path / "test"
+    for folder, name in ((valid_only, "wiki.valid.raw"), (test_only, "wiki.test.raw")):
+        folder.mkdir()
+        (folder / name).write_text(" = A = \n")
+    for source, directory in (("wikitext2", str(valid_only)), (str(valid_only), None)):
+        _refused(lambda: data.check_source(source, "--ppl-data", "eval", directory), "holds none of wiki.test.raw")
+        for split in ("calib", "train"):
+            data.check_source(source, "--calib", split, directory)
+            data.load_text(source, split, directory)
+    for split in ("calib", "train"):
+        _refused(lambda: data.check_source(str(test_only), "--calib", split), "holds none of wiki.train.raw, "
+                 "wiki.valid.raw")
+    for source, directory, split in [("builtin", None, "eval"), ("auto", None, "calib"),
+                                     ("wikitext2", str(wikitext_dir), "eval"), (str(wikitext_dir), None, "train"),
+                                     (str(wikitext_dir / "wiki.test.raw"), None, "eval")]:
+        data.check_source(source, "--data", split, directory)
+        data.load_text(source, split, directory)
+
+
+def _options(kind: str, source: str, directory: str | None):
+    """Options of one command whose only problem can be its data source, and the flag naming it."""
+    from llmopt.bench.run import BenchOptions
+    from llmopt.distill import DistillOptions
+    from llmopt.prune import PruneOptions
+    from llmopt.quantize.options import QuantizeOptions
+
+    if kind == "bench":
+        return BenchOptions(["smollm2-135m"], ppl_data=source, data_dir=directory, device="cpu"), "--ppl-data"
+    if kind == "prune":
+        return PruneOptions("m", "o", calib=source, data_dir=directory, device="cpu"), "--calib"
+    if kind == "distill":
+        return DistillOptions("t", "s", "o", data=source, data_dir=directory, device="cpu"), "--data"
+    return QuantizeOptions("m", "o", method="gptq", calib=source, data_dir=directory, device="cpu"), "--calib"
+
+
+@pytest.mark.parametrize("kind", ["bench", "prune", "distill", "quantize"])
+def test_every_command_refuses_data_gaps_in_validate(kind, tmp_path, offline):
+    """validate() (what a recipe's --dry-run and its start run) refuses each source load_text would refuse,
+    naming the command's own flag."""
+    for source, directory, message in _gaps(tmp_path):
+        opts, flag = _options(kind, source, directory)
+        assert flag in _refused(opts.validate, message), (kind, source)
+
+
+def test_bench_validate_refuses_a_data_dir_without_the_test_split(tmp_path, offline):
+    """bench evaluates on wiki.test.raw: a folder with only the validation split is refused up front."""
+    (tmp_path / "wiki.valid.raw").write_text(" = A = \n")
+    opts, _ = _options("bench", "wikitext2", str(tmp_path))
+    _refused(opts.validate, "holds none of wiki.test.raw")

@@ -18,6 +18,7 @@ from llmopt.errors import UserError
 from llmopt.progress import Progress
 
 from conftest import build_tiny
+from test_data import bos_tokenizer  # noqa: F401 - a tokenizer that puts BOS first, as Gemma's does
 
 
 def _logits(*probs: float) -> torch.Tensor:
@@ -170,6 +171,43 @@ def test_other_losses_and_options_train(pair, tmp_path, loss, extra):
     summary = distill(_opts(teacher, student, tmp_path / "kd", steps=8, loss=loss, **extra))
     assert summary["student_heldout_ppl_best"] < summary["student_heldout_ppl_before"]
     assert summary["tokens_trained"] == 8 * 4 * 64 * extra.get("grad_accum", 1)
+
+
+def test_windows_start_with_bos_and_its_prediction_is_not_scored(tmp_path, bos_tokenizer, monkeypatch):
+    """With a tokenizer that puts BOS first, every training and held-out window is BOS + seq_len - 1 text
+    tokens in order, and held-out perplexity scores the text tokens after the first, not the BOS's guess."""
+    import llmopt.distill as distill_module
+    from transformers import AutoModelForCausalLM
+
+    from llmopt.data import load_text, tokenize
+
+    for name, width in (("teacher", 160), ("student", 64)):
+        build_tiny("llama", bos_tokenizer, intermediate_size=width).save_pretrained(tmp_path / name)
+        bos_tokenizer.save_pretrained(tmp_path / name)
+    seen = {}
+    real = distill_module.train
+
+    def spy(student, teacher, train_chunks, eval_windows, *rest):
+        seen.update(train=train_chunks, held=eval_windows)
+        return real(student, teacher, train_chunks, eval_windows, *rest)
+
+    monkeypatch.setattr(distill_module, "train", spy)
+    summary = distill(_opts(tmp_path / "teacher", tmp_path / "student", tmp_path / "o", steps=1, eval_every=0))
+    bos = bos_tokenizer.bos_token_id
+    windows = torch.cat([seen["train"], seen["held"].ids])
+    assert windows.shape[1] == 64 and (windows[:, 0] == bos).all()
+    text = tokenize(bos_tokenizer, load_text("builtin", "train").text)
+    assert torch.equal(windows[:, 1:].reshape(-1), text[: len(windows) * 63])
+    assert seen["held"].bos and len(seen["held"]) == 4 and summary["bos_per_window"]
+
+    held = seen["held"].ids
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher").eval()(held).logits.double()
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), held[:, 1:], reduction="none")    # [4, 63]
+    text_only = math.exp(nll[:, 1:].mean(1).mean().item())
+    with_bos_guess = math.exp(nll.mean(1).mean().item())
+    assert summary["teacher_heldout_ppl"] == pytest.approx(text_only, rel=1e-4)
+    assert abs(with_bos_guess - text_only) > 1e-3 * text_only      # the two conventions do differ here
 
 
 def test_time_budget_stops_early(pair, tmp_path):

@@ -489,8 +489,12 @@ def test_force_stops_before_step_1_when_a_later_output_is_a_foreign_folder(tmp_p
 # --------------------------------------------------------------------------- shipped recipes
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_shipped_recipes_validate_with_dry_run(path, cli, tmp_path):
+def test_shipped_recipes_validate_with_dry_run(path, cli, tmp_path, monkeypatch):
     data = recipes.read_recipe(path)
+    # Recipes naming wikitext2 need its files (offline) before they start: give them a data folder.
+    for name in ("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"):
+        (tmp_path / name).write_text(" = A = \n")
+    monkeypatch.setenv("LLMOPT_DATA", str(tmp_path))
     # Hub-id recipes stay valid offline: resolving a hub id does not touch the network.
     code, out, err = cli("run", path, "--dry-run", "--json", "--set", f"out={tmp_path}/out")
     assert code == 0, err

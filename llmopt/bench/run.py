@@ -19,7 +19,7 @@ from llmopt.bench.quality import WindowStats, compare_models
 from llmopt.bench.report import write_csv, write_plot
 from llmopt.bench.speed import bytes_read_per_token, measure_speed, peak_memory, spread
 from llmopt.checkpoint import dir_size, versions
-from llmopt.data import NAMED_SOURCES, Corpus, bos_id, cut_eval, load_text, random_windows, resolve_auto, \
+from llmopt.data import Corpus, bos_id, check_source, cut_eval, load_text, random_windows, resolve_auto, \
     tokenize_corpus
 from llmopt.errors import MissingExtra, UserError, require
 from llmopt.info import model_info, original_dtype, size_ratios, stored_dtype
@@ -117,10 +117,7 @@ class BenchOptions:
         require(not (self.plot and self.skip_quality), "--plot draws perplexity, which --skip-quality skips",
                 "drop --skip-quality or --plot")
         parse_dtype(self.dtype, parse_device(self.device))
-        source = resolve_auto(self.ppl_data, self.data_dir)
-        if source.strip().lower() not in NAMED_SOURCES:
-            require(Path(source).expanduser().exists(), f"--ppl-data {source} does not exist",
-                    f"pass a .txt/.jsonl file, a folder with wiki.test.raw, or one of {', '.join(NAMED_SOURCES)}")
+        check_source(self.ppl_data, "--ppl-data", "eval", self.data_dir)
         for spec in ([self.baseline] if self.baseline else []) + list(self.models):
             resolve(spec)
         for flag, value in (("--csv", self.csv), ("--plot", self.plot)):

@@ -4,20 +4,22 @@
 tokenizers before loading any weights, then loads a frozen teacher and a float32 student, trains
 (`loop`), and writes the student weights with the lowest held-out perplexity as a standard
 checkpoint. Training text is the `train` split of `--data` (for WikiText-2 offline that is
-wiki.valid.raw, since wiki.test.raw is what `llmopt bench` reports); its last `--eval-windows`
-windows are held out for the perplexity that picks the best checkpoint.
+wiki.valid.raw, since wiki.test.raw is what `llmopt bench` reports), cut as bench cuts its evaluation
+text (`llmopt.data.cut_eval`: BOS first in every window when the tokenizer adds one, as Gemma's
+does); its last `--eval-windows` windows are held out for the perplexity that picks the best
+checkpoint, scored as bench scores (the prediction from the BOS alone is not).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from llmopt.checkpoint import atomic_output, check_output, provenance, write_provenance
-from llmopt.data import NAMED_SOURCES, load_text, resolve_auto, tokenize
+from llmopt.data import Windows, bos_id, check_source, cut_eval, load_text, resolve_auto, text_per_window, \
+    tokenize, tokenize_corpus
 from llmopt.distill.losses import LOSSES
 from llmopt.distill.loop import LoopConfig, train
 from llmopt.errors import UserError, require
@@ -76,10 +78,7 @@ class DistillOptions:
                 f"--max-minutes must be positive, got {self.max_minutes}")
         parse_device(self.device)
         parse_dtype(self.dtype, torch.device("cpu"))
-        data = resolve_auto(self.data, self.data_dir).strip()
-        require(data.lower() in NAMED_SOURCES or Path(data).expanduser().exists(),
-                f"--data {data} is neither a file nor one of {', '.join(NAMED_SOURCES)}",
-                "pass a .txt/.jsonl file, a folder with wiki.*.raw, or a named source")
+        check_source(self.data, "--data", "train", self.data_dir)
 
 
 # --------------------------------------------------------------------------- checks before loading weights
@@ -134,18 +133,20 @@ def _check_vocab(model, tokenizer, role: str) -> int:
     return rows
 
 
-def split_tokens(ids: torch.Tensor, seq_len: int, eval_windows: int, batch_size: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed training sequences [n, seq_len] and the held-out tail [eval_windows, seq_len]."""
-    held = eval_windows * seq_len
-    n_train = (ids.numel() - held) // seq_len
-    if n_train < batch_size:
-        raise UserError(f"the training text has {ids.numel()} tokens: not enough for {eval_windows} held-out "
+def training_windows(tokenizer, text: str, seq_len: int, eval_windows: int, batch_size: int
+                     ) -> tuple[torch.Tensor, Windows]:
+    """Training sequences [n, seq_len] and the held-out last `eval_windows` windows, cut as bench cuts its
+    evaluation text (`cut_eval`: non-overlapping, BOS first when the tokenizer adds one, so the student
+    sees its input as the model was trained to) and scored as bench scores them (BOS's prediction not)."""
+    bos = bos_id(tokenizer)
+    corpus = tokenize_corpus(tokenizer, text)
+    if corpus.ids.numel() // text_per_window(seq_len, bos) < eval_windows + batch_size:
+        raise UserError(f"the training text has {corpus.ids.numel()} tokens: not enough for {eval_windows} held-out "
                         f"windows plus one batch of {batch_size} x {seq_len} tokens",
                         hint="use a longer text, or lower --eval-windows, --seq-len or --batch-size")
-    train_ids = ids[: n_train * seq_len].view(n_train, seq_len)
-    eval_ids = ids[ids.numel() - held:].view(eval_windows, seq_len)
-    return train_ids, eval_ids
+    windows = cut_eval(corpus, seq_len, None, bos)
+    n_train = len(windows) - eval_windows
+    return windows.ids[:n_train], windows.part(slice(n_train, None))
 
 
 # --------------------------------------------------------------------------- the command
@@ -189,6 +190,8 @@ def distill(opts: DistillOptions, progress: Progress = SILENT) -> dict:
     t_tok, s_tok = _tokenizer(t_src), _tokenizer(s_src)
     if t_tok is not None and s_tok is not None:
         check_tokenizers(t_tok, s_tok, text.text)
+    cut = lambda tok: training_windows(tok, text.text, opts.seq_len, opts.eval_windows, opts.batch_size)  # noqa: E731
+    windows = cut(s_tok) if s_tok is not None else None          # too little text fails before any weights
 
     accelerator = _accelerator(parse_device(opts.device))
     if not accelerator.is_main_process:
@@ -212,7 +215,7 @@ def distill(opts: DistillOptions, progress: Progress = SILENT) -> dict:
         raise UserError("--hidden-mse needs equal hidden sizes in teacher and student",
                         hint="drop --hidden-mse")
 
-    train_ids, eval_ids = split_tokens(tokenize(tok, text.text), opts.seq_len, opts.eval_windows, opts.batch_size)
+    train_ids, held_out = windows if windows is not None else cut(tok)
     model = student.model
     model.config.use_cache = False
     if opts.gradient_checkpointing:
@@ -227,7 +230,7 @@ def distill(opts: DistillOptions, progress: Progress = SILENT) -> dict:
                      temperature=opts.temperature, beta=opts.beta, alpha_ce=opts.alpha_ce,
                      hidden_mse=opts.hidden_mse, eval_every=opts.eval_every, max_minutes=opts.max_minutes,
                      seed=opts.seed)
-    result = train(model, teacher.model, train_ids, eval_ids, cfg, accelerator, progress)
+    result = train(model, teacher.model, train_ids, held_out, cfg, accelerator, progress)
 
     before = result.curve[0]["ppl"]
     metrics = {
@@ -241,7 +244,9 @@ def distill(opts: DistillOptions, progress: Progress = SILENT) -> dict:
         "tokens_trained": result.tokens,
         "train_seconds": result.train_seconds,
         "processes": accelerator.num_processes,
-        "heldout": f"last {opts.eval_windows} windows of {opts.seq_len} tokens of the training text",
+        "heldout": f"last {opts.eval_windows} windows of {opts.seq_len} tokens of the training text"
+                   + (" (BOS first, its prediction not scored)" if held_out.bos else ""),
+        "bos_per_window": held_out.bos,
         "curve": result.curve,
         "student_parameters": count_parameters(model),
         "teacher_parameters": count_parameters(teacher.model),
@@ -269,4 +274,4 @@ def distill(opts: DistillOptions, progress: Progress = SILENT) -> dict:
     return summary
 
 
-__all__ = ["DistillOptions", "distill", "check_tokenizers", "split_tokens"]
+__all__ = ["DistillOptions", "distill", "check_tokenizers", "training_windows"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmopt.bench.quality import window_nll
+from llmopt.data import Windows
 from llmopt.distill.losses import combined
 from llmopt.progress import SILENT, Progress
 
@@ -98,10 +99,12 @@ def _snapshot(accelerator, model) -> dict | None:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
-def train(student, teacher, train_chunks: torch.Tensor, eval_windows: torch.Tensor, cfg: LoopConfig,
+def train(student, teacher, train_chunks: torch.Tensor, eval_windows: Windows | torch.Tensor, cfg: LoopConfig,
           accelerator, progress: Progress = SILENT) -> Result:
     """Distill `teacher` into `student` (already placed on accelerator.device); returns the curve and
-    the best weights. The student is left with its last weights, not the best ones."""
+    the best weights. The student is left with its last weights, not the best ones. Held-out windows
+    are scored by bench's `window_nll` (a BOS window from its first text token on); the training loss
+    covers every position, the prediction from the BOS included."""
     started = time.monotonic()
     result = Result(steps_done=0, stopped="completed")
     need_hidden = cfg.hidden_mse > 0

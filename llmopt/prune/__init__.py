@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from llmopt.checkpoint import check_output, provenance, save_pretrained
-from llmopt.data import NAMED_SOURCES, data_dir, resolve_auto, text_windows
+from llmopt.data import check_source, data_dir, text_windows
 from llmopt.errors import UserError, require
 from llmopt.info import count_parameters, embedding_parameters
 from llmopt.models import load_model, local_dir, parse_device, parse_dtype, quant_method, read_config, resolve
@@ -70,10 +70,7 @@ class PruneOptions:
         require(self.layers.strip().lower() == "all" or _parse_layers(self.layers, 10**6) is not None,
                 f"invalid --layers '{self.layers}'", "use all or a Python slice such as 1:-1")
         parse_dtype(self.dtype, parse_device(self.device))
-        calib = resolve_auto(self.calib, self.data_dir).strip()
-        require(calib.lower() in NAMED_SOURCES or Path(calib).expanduser().exists(),
-                f"--calib {calib} is neither a file nor one of {', '.join(NAMED_SOURCES)}",
-                "pass a .txt/.jsonl file, a folder with wiki.*.raw, or a named source")
+        check_source(self.calib, "--calib", "calib", self.data_dir)
         if (Path(self.model).expanduser() / "config.json").is_file():
             plan(_config_of(resolve(self.model)), self)   # --ratio and --layers against this model's widths
 
