@@ -374,6 +374,53 @@ def test_plot_without_matplotlib(monkeypatch, cli, tmp_path):
     assert code == 2 and "llmopt[plot]" in err
 
 
+def test_force_replaces_only_a_csv_bench_wrote(pair, cli, tmp_path):
+    """--force replaces a CSV whose first line is bench's header; a user's CSV at that path stays as it was."""
+    base, _, _ = pair
+    args = ("bench", base, *SMALL_ARGS, "--skip-speed", "--force")
+    mine = tmp_path / "mine.csv"
+    mine.write_text("name,role\nkeep,me\n")
+    code, _, err = cli(*args, "--csv", mine)
+    assert code == 2 and "not written by llmopt bench" in err, err
+    assert mine.read_text() == "name,role\nkeep,me\n"
+    ours = tmp_path / "ours.csv"
+    ours.write_text(csv_text({"models": []}) + "stale,row\n")
+    code, _, err = cli(*args, "--csv", ours)
+    assert code == 0, err
+    assert "stale" not in ours.read_text() and len(ours.read_text().splitlines()) == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []    # no temporary sibling left
+
+
+@pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg"])
+def test_force_replaces_only_a_plot_bench_wrote(pair, tmp_path, suffix):
+    """A plot carries bench's title in its metadata; --force replaces such a file and no other."""
+    pytest.importorskip("matplotlib")
+    base, _, _ = pair
+    opts = dict(SMALL, skip_speed=True, force=True)
+    path = tmp_path / f"p{suffix}"
+    bench(BenchOptions([str(base)], plot=str(path), **dict(opts, force=False)))
+    first = path.read_bytes()
+    path.write_bytes(first + b"STALE")                                   # still ours: its title is there
+    bench(BenchOptions([str(base)], plot=str(path), **opts))
+    assert not path.read_bytes().endswith(b"STALE")
+    foreign = tmp_path / f"f{suffix}"
+    foreign.write_bytes(first.replace(b"llmopt bench plot", b"someone's plot!!!"))
+    with pytest.raises(UserError, match="not written by llmopt bench"):
+        bench(BenchOptions([str(base)], plot=str(foreign), **opts))
+    assert b"someone's plot!!!" in foreign.read_bytes()
+
+
+def test_csv_and_plot_cannot_share_a_path(tmp_path):
+    with pytest.raises(UserError, match="same file"):
+        BenchOptions(["smollm2-135m"], csv=str(tmp_path / "a.png"), plot=str(tmp_path / "a.png")).validate()
+
+
+def test_help_says_which_files_force_replaces(cli):
+    code, out, _ = cli("bench", "--help")
+    text = " ".join(out.replace("│", " ").split())
+    assert code == 0 and "only one llmopt bench wrote: a CSV whose first line is bench's header" in text, text
+
+
 def test_auto_data_source_is_recorded(pair, monkeypatch, wikitext_dir):
     base, _, _ = pair
     opts = dict(SMALL, ppl_data="auto", skip_speed=True, ppl_windows=1)
@@ -395,6 +442,21 @@ def _bad(cli, tmp_path, *args, match):
 
 def test_bad_ppl_data_path(cli, tmp_path, tiny_model_dir):
     _bad(cli, tmp_path, tiny_model_dir("llama"), "--ppl-data", tmp_path / "missing.txt", match="does not exist")
+
+
+def test_a_bench_data_gap_stops_a_recipe_before_step_1(cli, tmp_path, tiny_model_dir, monkeypatch):
+    """A recipe's bench step that could not read its text fails at --dry-run and at the start of the run,
+    not after the prune before it."""
+    empty = tmp_path / "data"
+    empty.mkdir()
+    (empty / "wiki.valid.raw").write_text(" = A = \n")          # calibration text, but no test split
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_model_dir('llama')}\nout: {tmp_path}/out\ndata_dir: {empty}\nsteps:\n"
+                      "  - prune: {calib: builtin}\n  - bench: {ppl_data: wikitext2}\n")
+    for extra in (["--dry-run"], []):
+        code, _, err = cli("run", recipe, *extra)
+        assert code == 2 and "step 2 (bench)" in err and "holds none of wiki.test.raw" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_model_that_fails_to_load(cli, tmp_path, tiny_model_dir):

@@ -1,6 +1,8 @@
 """Rendering a bench report: a rich table (also used by `llmopt run`), a CSV file and a plot.
 
 All three read the JSON-able report that `llmopt.bench.run.bench` returns and compute nothing new.
+Files are written through a temporary sibling and a rename, never over a file llmopt bench did not
+write (`check_replaceable`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 from rich.table import Table
 from rich.text import Text
+
+from llmopt.errors import require
 
 METRIC_COLUMNS = ("parameters", "weight_bytes", "disk_bytes", "bits_per_weight", "bytes_read_per_token",
                   "size_vs_float32_x", "size_vs_original_dtype_x", "perplexity", "nll", "bits_per_byte",
@@ -196,11 +200,47 @@ def _atomic_write(path: str | Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+CSV_HEADER = ("name", "role", *METRIC_COLUMNS, *(f"{k}_x" for k in DELTA_COLUMNS))
+PLOT_TITLE = "llmopt bench plot"      # the plot's metadata title: how --force knows a plot is bench's
+_PLOT_MARKS = {".png": b"tEXtTitle\x00" + PLOT_TITLE.encode(), ".pdf": b"/Title (" + PLOT_TITLE.encode() + b")",
+               ".svg": b"<title>" + PLOT_TITLE.encode() + b"</title>"}
+_LARGEST_OWN_FILE = 64 << 20          # bench's CSVs and plots are far smaller: a larger file is someone else's
+FORCE_RULE = ("only one llmopt bench wrote: a CSV whose first line is bench's header, a plot whose metadata "
+              f"title is '{PLOT_TITLE}'; any other file is left alone")
+
+
+def written_by_bench(path: str | Path, kind: str) -> bool:
+    """Whether this `kind` ("csv" or "plot") file is one llmopt bench wrote, told by its content: a single
+    file has no llmopt.json beside it to say so."""
+    p = Path(path).expanduser()
+    try:
+        if not p.is_file() or p.stat().st_size > _LARGEST_OWN_FILE:
+            return False
+        data = p.read_bytes()
+    except OSError:
+        return False
+    if kind == "plot":
+        mark = _PLOT_MARKS.get(p.suffix.lower())
+        return mark is not None and mark in data
+    return data.split(b"\n", 1)[0] == ",".join(CSV_HEADER).encode()
+
+
+def check_replaceable(path: str | Path, kind: str, force: bool, flag: str) -> None:
+    """An output file may be written where nothing is, or with --force over a file bench wrote."""
+    p = Path(path).expanduser()
+    require(not p.is_dir(), f"{flag} {path} is a directory", "give a file name")
+    if not p.exists() and not p.is_symlink():
+        return
+    require(force, f"{flag} {path} already exists", f"pass --force to replace it ({FORCE_RULE})")
+    require(written_by_bench(p, kind), f"{flag} {path} exists and was not written by llmopt bench, so --force does "
+            "not replace it", "give another path, or move that file away")
+
+
 def csv_text(report: dict) -> str:
     """One row per model: name, role, every metric, then `<metric>_x` deltas vs the baseline."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["name", "role", *METRIC_COLUMNS, *(f"{k}_x" for k in DELTA_COLUMNS)])
+    writer.writerow(CSV_HEADER)
     for r in report["models"]:
         writer.writerow([r["name"], r["role"], *("" if r["metrics"].get(k) is None else r["metrics"][k]
                                                  for k in METRIC_COLUMNS),
@@ -208,13 +248,17 @@ def csv_text(report: dict) -> str:
     return buf.getvalue()
 
 
-def write_csv(report: dict, path: str | Path) -> None:
+def write_csv(report: dict, path: str | Path, force: bool = False) -> None:
+    """Write the CSV through a temporary sibling and a rename; see `check_replaceable` for what it replaces."""
+    check_replaceable(path, "csv", force, "--csv")
     _atomic_write(path, csv_text(report).encode())
 
 
-def write_plot(report: dict, path: str | Path) -> None:
+def write_plot(report: dict, path: str | Path, force: bool = False) -> None:
     """Bits per byte (perplexity when some model lacks it) against decode speed and against weight size,
-    one labelled point per model: bits per byte compares models whatever their tokenizers."""
+    one labelled point per model: bits per byte compares models whatever their tokenizers. Written like
+    `write_csv`, with PLOT_TITLE in its metadata."""
+    check_replaceable(path, "plot", force, "--plot")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,6 +286,6 @@ def write_plot(report: dict, path: str | Path) -> None:
     fig.suptitle(f"llmopt bench: quality vs speed and size (lower {y_key.replace('_', ' ')} is better)")
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=120)
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=120, metadata={"Title": PLOT_TITLE})
     plt.close(fig)
     _atomic_write(path, buf.getvalue())

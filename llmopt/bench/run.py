@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from llmopt.bench.quality import WindowStats, compare_models
-from llmopt.bench.report import write_csv, write_plot
+from llmopt.bench.report import check_replaceable, write_csv, write_plot
 from llmopt.bench.speed import bytes_read_per_token, measure_speed, peak_memory, spread
 from llmopt.checkpoint import dir_size, versions
 from llmopt.data import Corpus, bos_id, check_source, cut_eval, load_text, random_windows, resolve_auto, \
@@ -98,7 +98,7 @@ class BenchOptions:
     seed: int = 0
     csv: str | None = None
     plot: str | None = None
-    force: bool = False               # overwrite --csv / --plot files
+    force: bool = False               # replace --csv / --plot files that bench wrote (report.FORCE_RULE)
 
     def validate(self) -> None:
         """Everything that can be checked without loading a model."""
@@ -120,12 +120,12 @@ class BenchOptions:
         check_source(self.ppl_data, "--ppl-data", "eval", self.data_dir)
         for spec in ([self.baseline] if self.baseline else []) + list(self.models):
             resolve(spec)
-        for flag, value in (("--csv", self.csv), ("--plot", self.plot)):
+        for flag, kind, value in (("--csv", "csv", self.csv), ("--plot", "plot", self.plot)):
             if value:
-                path = Path(value).expanduser()
-                require(not path.is_dir(), f"{flag} {value} is a directory", "give a file name")
-                require(self.force or not path.exists(), f"{flag} {value} already exists",
-                        "pass --force to overwrite it")
+                check_replaceable(value, kind, self.force, flag)
+        require(not (self.csv and self.plot and Path(self.csv).expanduser().resolve()
+                     == Path(self.plot).expanduser().resolve()), "--csv and --plot name the same file",
+                "give them different paths")
         if self.plot:
             require(Path(self.plot).suffix.lower() in PLOT_SUFFIXES,
                     f"--plot {self.plot}: the file name must end in {', '.join(PLOT_SUFFIXES)}")
@@ -276,9 +276,9 @@ def bench(opts: BenchOptions, progress: Progress = SILENT) -> dict:
     }
     report["method"]["size_reference"] = reference
     if opts.csv:
-        write_csv(report, opts.csv)
+        write_csv(report, opts.csv, opts.force)
     if opts.plot:
-        write_plot(report, opts.plot)
+        write_plot(report, opts.plot, opts.force)
     return report
 
 

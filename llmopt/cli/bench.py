@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from llmopt.bench.report import render_table
+from llmopt.bench.report import FORCE_RULE, render_table
 from llmopt.bench.run import BenchOptions, bench as run_bench
 from llmopt.cli.common import DataDir, Device, Dtype, Json, RichProgress, app, err_console, print_json
 
@@ -45,7 +45,8 @@ def bench(
     csv: Annotated[str | None, typer.Option(help="Also write the table as CSV to this path.")] = D.csv,
     plot: Annotated[str | None, typer.Option(help="Also draw perplexity vs decode speed and size to this "
                                                   ".png/.pdf/.svg (needs llmopt[plot]).")] = D.plot,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite the --csv / --plot files.")] = D.force,
+    force: Annotated[bool, typer.Option("--force", help=f"Replace an existing --csv / --plot file, but "
+                                        f"{FORCE_RULE}.")] = D.force,
     data_dir: DataDir = D.data_dir,
     device: Device = D.device,
     dtype: Dtype = D.dtype,
