@@ -331,3 +331,16 @@ def test_gemma3_prune_20_percent(tmp_path, wikitext_dir):
     # measured: 5.79 -> 7.14 nats on the 4 held-out windows of 128 tokens with this little
     # calibration; slicing that mixed up heads or channels lands near a uniform guess's 12.5 nats
     assert summary["calibration_loss_after"] < summary["calibration_loss_before"] + 2.5
+
+
+def test_auto_calibration_with_a_data_dir_lacking_wikitext_test_falls_back_to_builtin(cli, tiny_model_dir, tmp_path):
+    """validate() and the run must read `auto` the same way: a data folder without wiki.test.raw is
+    not WikiText-2, so both take the built-in text rather than validate passing and the run failing."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("not wikitext\n")
+    out = tmp_path / "p"
+    code, stdout, err = cli("prune", tiny_model_dir("llama"), "-o", out, "--data-dir", data, "--nsamples", "2",
+                            "--seq-len", "32", "--device", "cpu", "--json")
+    assert code == 0, err
+    assert json.loads((out / "llmopt.json").read_text())["calibration"].startswith("builtin")

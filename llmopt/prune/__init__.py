@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from llmopt.checkpoint import check_output, provenance, save_pretrained
-from llmopt.data import check_source, data_dir, text_windows
+from llmopt.data import check_source, resolve_auto, text_windows
 from llmopt.errors import UserError, require
 from llmopt.info import count_parameters, embedding_parameters
 from llmopt.models import load_model, local_dir, parse_device, parse_dtype, quant_method, read_config, resolve
@@ -192,9 +192,7 @@ def prune(opts: PruneOptions, progress: Progress = SILENT) -> dict:
     arch = arch_for(text_config(model.config))
     geo = the_plan.geo
 
-    calib = opts.calib
-    if calib.strip().lower() == "auto":
-        calib = "wikitext2" if data_dir(opts.data_dir) is not None else "builtin"
+    calib = resolve_auto(opts.calib, opts.data_dir)   # the same `auto` that validate() checked
     windows, calib_description = text_windows(tok, calib, "calib", opts.seq_len, nsamples=opts.nsamples,
                                               seed=opts.seed, directory=opts.data_dir)
     # Splits are compared on windows the reconstruction did not see, so a refit that overfits the
