@@ -60,12 +60,13 @@ def test_quantized_head_logits_match_the_dequantized_reference(arch, kw, tiny_mo
     assert torch.linalg.norm(seen["y"] - reference) / torch.linalg.norm(reference) < 1e-2
 
 
-def test_tied_head_is_untied_in_config_with_the_source_embeddings_written(tiny_model_dir, tmp_path):
+def test_by_default_a_tied_head_is_quantized_untied_in_config_with_the_source_embeddings_written(
+        tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     src = tiny_model_dir("llama")
     out = tmp_path / "q"
-    quantize(_opts(src, out, lm_head=True, group_size=32))
+    quantize(_opts(src, out, group_size=32))                   # no lm_head option: the default
     config = json.loads((out / "config.json").read_text())
     qconfig = config["quantization_config"]
     assert config["tie_word_embeddings"] is False
@@ -188,3 +189,19 @@ def test_options_validate_alone_refuses_lm_head_for_bitsandbytes():
     with pytest.raises(UserError, match="--lm-head does not apply"):
         QuantizeOptions(model="m", output="o", method="llm-int8", lm_head=True).validate()
     QuantizeOptions(model="m", output="o", method="llm-int8", lm_head=False).validate()
+
+
+@pytest.mark.slow
+def test_smollm2_with_its_head_quantized_holds_at_most_035x_of_bfloat16(smollm2, tmp_path):
+    from llmopt.info import count_parameters
+
+    out = tmp_path / "smol"
+    summary = quantize(QuantizeOptions(model="smollm2-135m", output=str(out), method="rtn", device="cpu"))
+    assert summary["quantized_layers"] == 211 and summary["layers"][-1]["module"] == "lm_head"
+    q = load_model(str(out), device="cpu")
+    assert isinstance(q.model.get_input_embeddings(), QuantEmbedding)
+    assert weight_bytes(q.model) <= 0.35 * 2 * count_parameters(smollm2.model)
+    ids = q.tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = q.model(ids).logits[0, -1], smollm2.model(ids).logits[0, -1]
+    assert a.argmax() == b.argmax()
