@@ -18,6 +18,7 @@ from llmopt.quantize import packing
 from llmopt.quantize.gptq import HessianAccumulator, QuantSpec, gptq_quantize, relative_output_error, \
     rtn_quantize
 from llmopt.quantize.qlinear import QuantLinear
+from llmopt.quantize.runtime import module_grid
 
 # ----------------------------------------------------------------------------- an independent reader
 
@@ -226,7 +227,8 @@ def _dequantized_reference(src: Path, out: Path):
         prefix = key[: -len(".qweight")]
         lin = model.get_submodule(prefix)
         parts = {p: tensors[f"{prefix}.{p}"] for p in ("qweight", "qzeros", "scales", "g_idx")}
-        lin.weight.data = reference_dequantize(parts, cfg["bits"], cfg["checkpoint_format"], lin.in_features,
+        bits = module_grid(cfg, prefix, cfg["bits"], cfg["group_size"])[0]     # lm_head: its dynamic override
+        lin.weight.data = reference_dequantize(parts, bits, cfg["checkpoint_format"], lin.in_features,
                                                lin.out_features)
     return model.eval()
 
@@ -241,13 +243,13 @@ def test_quantized_checkpoint_reloads_to_the_same_logits(arch, kw, tiny_model_di
     src = tiny_model_dir(arch)
     out = tmp_path / "q"
     summary = quantize(_opts(src, out, **kw))
-    assert summary["quantized_layers"] == 21 and not summary["kept_layers"]
+    assert summary["quantized_layers"] == 22 and not summary["kept_layers"]      # 21 + lm_head
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "gptq" and cfg["format"] == cfg["checkpoint_format"] == summary["format"]
     assert cfg["format"] == ("gptq" if kw.get("sym", True) else "gptq_v2")
     assert json.loads((out / "quantize_config.json").read_text()) == cfg
     record = json.loads((out / "llmopt.json").read_text())
-    assert len(record["layers"]) == 21 and all(r["error"] >= 0 for r in record["layers"])
+    assert len(record["layers"]) == 22 and all(r["error"] >= 0 for r in record["layers"])
 
     ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0))
     loaded = load_model(str(out), device="cpu").model
@@ -307,7 +309,7 @@ def test_cli_quantize_info_counts_parameters(tiny_model_dir, tmp_path, cli):
     src = tiny_model_dir("llama")
     out = tmp_path / "q"
     code, stdout, err = cli("quantize", src, "-o", out, "--calib", "builtin", "--nsamples", "4", "--seq-len", "32",
-                            "--skip", "mlp.down_proj", "--json")
+                            "--skip", "mlp.down_proj", "--no-lm-head", "--json")
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["quantized_layers"] == 18 and len(summary["kept_layers"]) == 3
@@ -528,7 +530,7 @@ def test_bf16_source_keeps_bf16_unquantized_tensors_and_reloads(tiny_model_dir, 
     src = tiny_model_dir("qwen2")                      # untied head, biased q/k/v
     AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(src)
     out = tmp_path / "q"
-    summary = quantize(_opts(src, out, method="gptq", group_size=32, skip=["mlp.down_proj"]))
+    summary = quantize(_opts(src, out, method="gptq", group_size=32, skip=["mlp.down_proj"], lm_head=False))
     tensors = load_file(out / "model.safetensors")
     plain = {k: t.dtype for k, t in tensors.items() if not k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
     assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.0.mlp.down_proj.weight",
@@ -555,7 +557,7 @@ def test_bf16_source_keeps_bf16_unquantized_tensors_and_reloads(tiny_model_dir, 
 def test_smollm2_4bit_runs_on_the_int4_kernels(smollm2, tmp_path):
     out = tmp_path / "smol"
     summary = quantize(QuantizeOptions(model="smollm2-135m", output=str(out), method="rtn", device="cpu"))
-    assert summary["quantized_layers"] == 210 and summary["quantized_bytes_vs_bf16"] < 0.35
+    assert summary["quantized_layers"] == 211 and summary["quantized_bytes_vs_bf16"] < 0.35    # 210 + lm_head
     q = load_model(str(out), device="cpu")
     modes = {m.mode for m in q.model.modules() if isinstance(m, QuantLinear)}
     assert modes == {"int4"}

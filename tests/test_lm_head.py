@@ -16,7 +16,7 @@ from llmopt.info import weight_bytes
 from llmopt.models import load_model
 from llmopt.quantize import QuantizeOptions, packing, quantize, runtime
 from llmopt.quantize.qlinear import QuantLinear
-from llmopt.quantize.runtime import QuantEmbedding
+from llmopt.quantize.runtime import QuantEmbedding, module_grid
 
 _HEAD_KEYS = {f"lm_head.{k}" for k in ("qweight", "qzeros", "scales", "g_idx")}
 
@@ -32,8 +32,9 @@ def _head_reference(out, head: QuantLinear) -> torch.Tensor:
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     tensors = load_file(out / "model.safetensors")
     parts = {k.split(".", 1)[1]: v for k, v in tensors.items() if k in _HEAD_KEYS}
-    q, zeros, scales, g_idx = packing.unpack_layer(parts, cfg["bits"], cfg["checkpoint_format"], head.in_features,
-                                                   head.out_features, cfg["group_size"])
+    bits, group = module_grid(cfg, "lm_head", cfg["bits"], cfg["group_size"])
+    q, zeros, scales, g_idx = packing.unpack_layer(parts, bits, cfg["checkpoint_format"], head.in_features,
+                                                   head.out_features, group)
     return packing.dequantize(q, zeros, scales, g_idx)
 
 
@@ -41,15 +42,22 @@ def _head_reference(out, head: QuantLinear) -> torch.Tensor:
     ("llama", dict(method="gptq", group_size=32)),                     # tied
     ("qwen2", dict(method="rtn", group_size=32, sym=False)),           # untied, asymmetric
     ("gemma3", dict(method="int8")),                                   # tied, scaled embeddings
+    ("llama", dict(method="gptq", bits=8, group_size=32)),             # 8-bit: the head on the decoder's grid
 ])
 def test_quantized_head_logits_match_the_dequantized_reference(arch, kw, tiny_model_dir, tmp_path):
     out = tmp_path / "q"
     summary = quantize(_opts(tiny_model_dir(arch), out, lm_head=True, **kw))
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    if qconfig["bits"] < 8:     # below 8 bits the head is 8-bit per channel, said by a dynamic override
+        assert qconfig["dynamic"] == {"+:^lm_head$": {"bits": 8, "group_size": -1, "sym": True, "desc_act": False}}
+    else:
+        assert "dynamic" not in qconfig
     assert summary["layers"][-1]["module"] == "lm_head" and summary["layers"][-1]["layer"] is None
     assert _HEAD_KEYS <= set(load_file(out / "model.safetensors")) - {"lm_head.weight"}
     assert "lm_head.weight" not in load_file(out / "model.safetensors")
     model = load_model(str(out), device="cpu").model
-    assert isinstance(model.lm_head, QuantLinear)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8
+    assert model.lm_head.group_size == (32 if kw.get("bits") == 8 else -1)
     seen = {}
     model.lm_head.register_forward_hook(lambda m, args, y: seen.update(x=args[0], y=y))
     ids = torch.randint(3, 500, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -86,6 +94,19 @@ def test_untied_head_keeps_its_own_embeddings_at_runtime(tiny_model_dir, tmp_pat
     assert type(model.get_input_embeddings()) is torch.nn.Embedding
     assert torch.equal(model.get_input_embeddings().weight,
                        load_file(out / "model.safetensors")["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("name,grid", [
+    ("lm_head", (8, -1)),                        # the first matching pattern wins
+    ("model.layers.0.mlp.down_proj", (4, 128)),  # excluded: no override (the module is not quantized)
+    ("model.layers.1.mlp.up_proj", (3, 64)),     # a plain regular expression overrides too
+    ("model.layers.1.mlp.down_proj", (4, 128)),  # no pattern matches
+])
+def test_module_grid_follows_gptqmodel_dynamic_overrides(name, grid):
+    qconfig = {"dynamic": {"+:^lm_head$": {"bits": 8, "group_size": -1}, "lm_head": {"bits": 2},
+                           "-:^model[.]layers[.]0[.]mlp[.]down_proj$": {},
+                           r"^model[.]layers[.]1[.]mlp[.]up_proj$": {"bits": 3, "group_size": 64}}}
+    assert module_grid(qconfig, name, 4, 128) == grid
 
 
 def _head(bits: int, group: int, shuffled: bool = False, n: int = 192, k: int = 64) -> QuantLinear:
@@ -140,6 +161,19 @@ def test_tied_model_holds_the_table_once_quantized(tiny_model_dir, tmp_path, mon
     assert type(kept.get_input_embeddings()) is torch.nn.Embedding and table.dtype == torch.float32
     assert weight_bytes(kept) - weight_bytes(served) == table.numel() * 4
     assert not any(p.numel() == table.numel() for p in served.parameters())
+
+
+def test_info_counts_the_source_parameters_once_with_embeddings_served_from_the_head(tiny_model_dir, tmp_path,
+                                                                                       cli):
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_model_dir("llama")
+    out = tmp_path / "q"
+    quantize(_opts(src, out, lm_head=True, group_size=32))
+    code, stdout, err = cli("info", out, "--json")
+    assert code == 0, err
+    original = AutoModelForCausalLM.from_pretrained(src)
+    assert json.loads(stdout)["parameters"] == sum(p.numel() for p in original.parameters())
 
 
 def test_save_reload_generate_in_a_fresh_process(tiny_model_dir, tmp_path):

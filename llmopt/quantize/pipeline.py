@@ -61,6 +61,13 @@ def source_dtype(path: Path | None, fallback: torch.dtype) -> torch.dtype:
     return _FLOAT_DTYPES.get(str(name).replace("torch.", ""), fallback)
 
 
+def head_spec(spec: QuantSpec) -> QuantSpec:
+    """The output head's grid: 8-bit with one scale per output channel below 8 bits (4-bit cost SmolLM2
+    a perplexity point on its own and another when its embeddings are read from it; docs/formats.md),
+    else the decoder's."""
+    return spec if spec.bits == 8 else QuantSpec(8, -1, True, spec.mse)
+
+
 def _linear_names(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
@@ -82,7 +89,7 @@ def head_plan(model: torch.nn.Module, opts: QuantizeOptions) -> str | None:
     why = None
     if head is None:
         why = "this model's output head is not a Linear layer"
-    elif head.in_features % 32 or not packing.packable(head.out_features, _spec(opts).bits):
+    elif head.in_features % 32 or not packing.packable(head.out_features, head_spec(_spec(opts)).bits):
         why = f"the output head's widths ({head.out_features} x {head.in_features}) do not fill whole int32 words"
     elif opts.method == "gptq" and final_norm(model) is None:
         why = "no final norm was found beside the decoder layers to calibrate the head on"
@@ -137,9 +144,10 @@ def _calibration(opts: QuantizeOptions, path: Path) -> tuple[torch.Tensor, str]:
 
 
 def quantization_config(opts: QuantizeOptions, spec: QuantSpec, fmt: str, skipped_modules: list[str],
-                        lm_head: bool = False, tied: bool = False) -> dict:
-    """GPTQModel's keys; `meta.tied_embeddings` says the written embeddings were the head's own weight
-    (the config is untied so that loaders keep them apart; llmopt's runtime may serve them from the head)."""
+                        head: str | None = None, tied: bool = False) -> dict:
+    """GPTQModel's keys; a head on another grid gets a positive `dynamic` override (GPTQModel's own
+    convention for its lm_head); `meta.tied_embeddings` says the written embeddings were the head's own
+    weight (the config is untied so that loaders keep them apart; llmopt's runtime serves them from it)."""
     from llmopt import __version__
 
     config = {
@@ -151,16 +159,23 @@ def quantization_config(opts: QuantizeOptions, spec: QuantSpec, fmt: str, skippe
         "sym": spec.sym,
         "damp_percent": opts.damp,
         "true_sequential": opts.true_sequential,
-        "lm_head": lm_head,
+        "lm_head": head is not None,
         "format": fmt,
         "checkpoint_format": fmt,
         "pack_dtype": "int32",
         "meta": {"quantizer": [f"llmopt:{__version__}"], "method": opts.method, "mse": spec.mse},
     }
-    if lm_head and tied:
+    if head is not None and tied:
         config["meta"]["tied_embeddings"] = True
-    if skipped_modules:   # GPTQModel's per-module override: "-:" excludes matching modules
-        config["dynamic"] = {f"-:^{name.replace('.', '[.]')}$": {} for name in skipped_modules}
+    dynamic = {}
+    hs = head_spec(spec)
+    if head is not None and hs != spec:   # "+:" overrides the matching module's keys
+        dynamic[f"+:^{head.replace('.', '[.]')}$"] = {"bits": hs.bits, "group_size": hs.group_size, "sym": hs.sym,
+                                                      "desc_act": False}
+    # "-:" excludes matching modules
+    dynamic.update({f"-:^{name.replace('.', '[.]')}$": {} for name in skipped_modules})
+    if dynamic:
+        config["dynamic"] = dynamic
     return config
 
 
@@ -280,10 +295,11 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     tied = _tied(model, head)
 
     def solve(name: str, linear: torch.nn.Linear, h: torch.Tensor | None) -> LayerResult:
+        s = head_spec(spec) if name == head else spec
         if opts.method == "gptq":
-            return gptq_quantize(linear.weight.data, h, spec, damp=opts.damp, block_size=opts.block_size,
+            return gptq_quantize(linear.weight.data, h, s, damp=opts.damp, block_size=opts.block_size,
                                  desc_act=opts.desc_act, note=lambda m: progress.note(f"{name}: {m}"))
-        return rtn_quantize(linear.weight.data, spec)
+        return rtn_quantize(linear.weight.data, s)
 
     t = time.time()
     done = quantize_layers(model, solve, windows=windows, device=device, skip=skip_names,
@@ -293,10 +309,10 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
 
     fmt = "gptq" if spec.sym else "gptq_v2"
     packed = {q.name: packing.pack_layer(q.result.q, q.result.scales, q.result.zeros, q.result.g_idx,
-                                         spec.bits, fmt) for q in done}
+                                         head_spec(spec).bits if q.name == head else spec.bits, fmt) for q in done}
     quantized_names = {q.name for q in done}
     kept = [f"{prefix}.{n}" for n in _linear_names(layers) if f"{prefix}.{n}" not in quantized_names]
-    qconfig = quantization_config(opts, spec, fmt, kept, lm_head=head is not None, tied=tied)
+    qconfig = quantization_config(opts, spec, fmt, kept, head=head, tied=tied)
     tensors = _state_dict(model, packed, out_dtype)
 
     rows = _layer_rows(done)

@@ -130,6 +130,19 @@ def checkpoint_format(qconfig: dict) -> str:
     return fmt
 
 
+def module_grid(qconfig: dict, name: str, bits: int, group_size: int) -> tuple[int, int]:
+    """(bits, group_size) of one module: the first `dynamic` pattern matching its name (GPTQModel's
+    convention: a regular expression, `+:` or no prefix overrides, `-:` excludes) may override them."""
+    for pattern, override in (qconfig.get("dynamic") or {}).items():
+        negative = pattern.startswith("-:")
+        raw = pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
+        if re.match(raw, name):
+            if negative or not isinstance(override, dict):
+                break
+            return int(override.get("bits", bits)), int(override.get("group_size", group_size))
+    return bits, group_size
+
+
 def load_gptq_model(path: Path, config: dict, device: torch.device, dtype: torch.dtype):
     """FORMAT_LOADERS entry for quant_method 'gptq'."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -158,10 +171,12 @@ def load_gptq_model(path: Path, config: dict, device: torch.device, dtype: torch
             raise UserError(f"{path}: quantized module {prefix} does not exist in this architecture") from e
         parts = {k: tensors.pop(f"{prefix}.{k}") for k in _QUANT_KEYS if f"{prefix}.{k}" in tensors}
         bias = tensors.pop(f"{prefix}.bias", None)
-        q, zeros, scales, g_idx = packing.unpack_layer(parts, bits, fmt, linear.in_features, linear.out_features,
-                                                       group_size)
-        module = QuantLinear(q, zeros, scales, g_idx, None if bias is None else bias.to(dtype), bits, group_size,
-                             device)
+        b, g = module_grid(qconfig, prefix, bits, group_size)
+        if b not in packing.BITS:
+            raise UserError(f"{path}: GPTQ with {b} bits ({prefix}) is not supported",
+                            hint="llmopt reads 2, 3, 4 and 8 bits")
+        q, zeros, scales, g_idx = packing.unpack_layer(parts, b, fmt, linear.in_features, linear.out_features, g)
+        module = QuantLinear(q, zeros, scales, g_idx, None if bias is None else bias.to(dtype), b, g, device)
         model.set_submodule(prefix, module)
 
     _assign_rest(model, tensors, dtype, str(path))
