@@ -239,3 +239,12 @@ def test_smollm2_with_its_head_quantized_holds_at_most_035x_of_bfloat16(smollm2,
     with torch.no_grad():
         a, b = q.model(ids).logits[0, -1], smollm2.model(ids).logits[0, -1]
     assert a.argmax() == b.argmax()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpacking_in_column_blocks_gives_the_codes_across_block_edges(bits, monkeypatch):
+    monkeypatch.setattr(packing, "UNPACK_COLS", 7)
+    codes = torch.randint(0, 1 << bits, (64, 30), generator=torch.Generator().manual_seed(bits)).to(torch.int32)
+    packed = packing.pack_rows(codes, bits)
+    assert torch.equal(packing.unpack_rows(packed, bits), codes)
+    assert torch.equal(packing.unpack_rows(packed, bits, 40), codes[:40])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 BITS = (2, 3, 4, 8)
+UNPACK_COLS = 4096     # columns unpacked at a time
 FORMATS = ("gptq", "gptq_v2")
 
 
@@ -59,10 +60,19 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, rows: int | None = None) -> torch.Tensor:
-    """Inverse of `pack_rows`: int32 [W, C] -> codes int32 [W * 32 / bits, C] (first `rows` kept)."""
+    """Inverse of `pack_rows`: int32 [W, C] -> codes int32 [W * 32 / bits, C] (first `rows` kept).
+    Columns go in blocks of UNPACK_COLS so the int64 work stays small next to the result (a 49152-row
+    output head would otherwise take several times its own size while loading)."""
     _check_bits(bits)
     n = packed.shape[0] * 32 // bits
     rows = n if rows is None else rows
+    out = torch.empty(rows, packed.shape[1], dtype=torch.int32, device=packed.device)
+    for c in range(0, packed.shape[1], UNPACK_COLS):
+        out[:, c: c + UNPACK_COLS] = _unpack_block(packed[:, c: c + UNPACK_COLS], bits, rows)
+    return out
+
+
+def _unpack_block(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     u = packed.to(torch.int64) & 0xFFFFFFFF
     u = torch.cat([u, torch.zeros_like(u[:1])])
     offset = torch.arange(rows, dtype=torch.int64, device=packed.device) * bits
