@@ -34,10 +34,12 @@ SKIP_HELP = ("Linear layers to keep in full precision (repeatable). A pattern ma
              "10-19) or suffix (down_proj, mlp.down_proj), with shell wildcards: *.down_proj, or "
              "layers.1[0-9] for layers 10-19. A pattern that matches no Linear is an error. Embeddings "
              "are always kept; the output head follows --lm-head.")
-LM_HEAD_HELP = ("gptq/rtn/int8: also quantize the output head (lm_head) with the same bits and groups, GPTQ "
-                "calibrated on the final norm's outputs; a head tied to the input embeddings is untied and the "
-                "embeddings written in full precision beside it. Default: on for gptq/rtn/int8 when the "
-                "head's widths fit the layout (always off for bitsandbytes methods).")
+LM_HEAD_HELP = ("gptq/rtn/int8: also quantize the output head (lm_head): 8-bit with one scale per output "
+                "channel below 8 bits, else the decoder's grid; GPTQ calibrates it on the final norm's "
+                "outputs. A head tied to the input embeddings is untied in config.json and the embeddings "
+                "written in full precision beside it (llmopt serves them from the quantized head). "
+                "transformers' own GPTQ loading (optimum) cannot read a quantized head: use --no-lm-head "
+                "for it. Default: on when the head's widths fit the layout; never for bitsandbytes methods.")
 # module names hold identifiers and dots; the rest are fnmatch wildcards
 _SKIP_CHARS = re.compile(r"[\w.*?\[\]!-]+")
 
