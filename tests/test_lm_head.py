@@ -248,3 +248,12 @@ def test_unpacking_in_column_blocks_gives_the_codes_across_block_edges(bits, mon
     packed = packing.pack_rows(codes, bits)
     assert torch.equal(packing.unpack_rows(packed, bits), codes)
     assert torch.equal(packing.unpack_rows(packed, bits, 40), codes[:40])
+
+
+def test_recipe_takes_lm_head_from_the_same_options(tiny_model_dir, tmp_path, cli):
+    src = tiny_model_dir("llama")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {src}\nout: {tmp_path / 'out'}\nsteps:\n  - quantize: {{method: nf4, lm_head: true}}\n")
+    code, _, err = cli("run", recipe, "--dry-run")
+    assert code == 2 and "--lm-head does not apply to --method nf4" in " ".join(err.split()), err
+    assert not (tmp_path / "out").exists()
