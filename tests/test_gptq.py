@@ -559,8 +559,8 @@ def test_smollm2_4bit_runs_on_the_int4_kernels(smollm2, tmp_path):
     summary = quantize(QuantizeOptions(model="smollm2-135m", output=str(out), method="rtn", device="cpu"))
     assert summary["quantized_layers"] == 211 and summary["quantized_bytes_vs_bf16"] < 0.35    # 210 + lm_head
     q = load_model(str(out), device="cpu")
-    modes = {m.mode for m in q.model.modules() if isinstance(m, QuantLinear)}
-    assert modes == {"int4"}
+    modes = {m.mode for m in q.model.modules() if isinstance(m, QuantLinear) and m is not q.model.lm_head}
+    assert modes == {"int4"} and q.model.lm_head.mode == "int8"      # the head is 8-bit per channel
     ids = q.tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
     a, b = _logits(q.model, ids)[0, -1], _logits(smollm2.model, ids)[0, -1]
     assert a.argmax() == b.argmax()
