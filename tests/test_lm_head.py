@@ -257,3 +257,19 @@ def test_recipe_takes_lm_head_from_the_same_options(tiny_model_dir, tmp_path, cl
     code, _, err = cli("run", recipe, "--dry-run")
     assert code == 2 and "--lm-head does not apply to --method nf4" in " ".join(err.split()), err
     assert not (tmp_path / "out").exists()
+
+
+def test_default_keeps_a_head_gptq_cannot_calibrate_and_says_why(tiny_model_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    from llmopt.quantize import pipeline
+
+    model = pipeline.meta_model(str(tiny_model_dir("llama")))
+    monkeypatch.setattr(pipeline, "final_norm", lambda m: None)
+    notes: list[str] = []
+    assert pipeline.head_plan(model, QuantizeOptions(model="m", output="o"), SimpleNamespace(note=notes.append)) is None
+    assert notes == ["output head kept in full precision: no final norm was found beside the decoder layers to "
+                     "calibrate the head on"]
+    with pytest.raises(UserError, match="--lm-head: no final norm"):
+        pipeline.head_plan(model, QuantizeOptions(model="m", output="o", lm_head=True))
+    assert pipeline.head_plan(model, QuantizeOptions(model="m", output="o", method="rtn")) == "lm_head"

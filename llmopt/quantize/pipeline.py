@@ -79,9 +79,9 @@ def _head_name(model: torch.nn.Module) -> str | None:
         else None
 
 
-def head_plan(model: torch.nn.Module, opts: QuantizeOptions) -> str | None:
+def head_plan(model: torch.nn.Module, opts: QuantizeOptions, progress: Progress = SILENT) -> str | None:
     """The output head's name when it is to be quantized: --lm-head refuses a head the layout cannot
-    hold (or GPTQ cannot calibrate); the default quantizes it whenever it can."""
+    hold (or GPTQ cannot calibrate); the default quantizes it whenever it can, else notes why not."""
     if opts.lm_head is False:
         return None
     name = _head_name(model)
@@ -94,6 +94,8 @@ def head_plan(model: torch.nn.Module, opts: QuantizeOptions) -> str | None:
     elif opts.method == "gptq" and final_norm(model) is None:
         why = "no final norm was found beside the decoder layers to calibrate the head on"
     require(why is None or opts.lm_head is None, f"--lm-head: {why}", "drop --lm-head (or pass --no-lm-head)")
+    if why:
+        progress.note(f"output head kept in full precision: {why}")
     return None if why else name
 
 
@@ -291,7 +293,7 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     params = sum(p.numel() for p in model.parameters())
     prefix, layers = decoder_layers(model)
     skip_names = list(opts.skip) + _unpackable(layers, prefix, spec, opts.skip, progress)
-    head = head_plan(model, opts)
+    head = head_plan(model, opts, progress)
     tied = _tied(model, head)
 
     def solve(name: str, linear: torch.nn.Linear, h: torch.Tensor | None) -> LayerResult:
