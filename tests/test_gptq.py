@@ -242,7 +242,7 @@ def _dequantized_reference(src: Path, out: Path):
 def test_quantized_checkpoint_reloads_to_the_same_logits(arch, kw, tiny_model_dir, tmp_path):
     src = tiny_model_dir(arch)
     out = tmp_path / "q"
-    summary = quantize(_opts(src, out, **kw))
+    summary = quantize(_opts(src, out, lm_head=True, **kw))
     assert summary["quantized_layers"] == 22 and not summary["kept_layers"]      # 21 + lm_head
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "gptq" and cfg["format"] == cfg["checkpoint_format"] == summary["format"]
@@ -556,7 +556,7 @@ def test_bf16_source_keeps_bf16_unquantized_tensors_and_reloads(tiny_model_dir, 
 @pytest.mark.slow
 def test_smollm2_4bit_runs_on_the_int4_kernels(smollm2, tmp_path):
     out = tmp_path / "smol"
-    summary = quantize(QuantizeOptions(model="smollm2-135m", output=str(out), method="rtn", device="cpu"))
+    summary = quantize(QuantizeOptions(model="smollm2-135m", output=str(out), method="rtn", device="cpu", lm_head=True))
     assert summary["quantized_layers"] == 211 and summary["quantized_bytes_vs_bf16"] < 0.35    # 210 + lm_head
     q = load_model(str(out), device="cpu")
     modes = {m.mode for m in q.model.modules() if isinstance(m, QuantLinear) and m is not q.model.lm_head}

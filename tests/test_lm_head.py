@@ -68,13 +68,23 @@ def test_quantized_head_logits_match_the_dequantized_reference(arch, kw, tiny_mo
     assert torch.linalg.norm(seen["y"] - reference) / torch.linalg.norm(reference) < 1e-2
 
 
-def test_by_default_a_tied_head_is_quantized_untied_in_config_with_the_source_embeddings_written(
+def test_by_default_the_head_stays_full_precision_and_tied_for_transformers(tiny_model_dir, tmp_path):
+    """transformers' own GPTQ loading cannot read a quantized head, so the default must not write one."""
+    src = tiny_model_dir("llama")
+    out = tmp_path / "q"
+    quantize(_opts(src, out, group_size=32))                   # no lm_head option: the default
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and config["quantization_config"]["lm_head"] is False
+    assert not [k for k in load_file(out / "model.safetensors") if k.startswith("lm_head.")]
+
+
+def test_lm_head_quantizes_a_tied_head_untied_in_config_with_the_source_embeddings_written(
         tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     src = tiny_model_dir("llama")
     out = tmp_path / "q"
-    quantize(_opts(src, out, group_size=32))                   # no lm_head option: the default
+    quantize(_opts(src, out, group_size=32, lm_head=True))
     config = json.loads((out / "config.json").read_text())
     qconfig = config["quantization_config"]
     assert config["tie_word_embeddings"] is False
@@ -259,17 +269,12 @@ def test_recipe_takes_lm_head_from_the_same_options(tiny_model_dir, tmp_path, cl
     assert not (tmp_path / "out").exists()
 
 
-def test_default_keeps_a_head_gptq_cannot_calibrate_and_says_why(tiny_model_dir, monkeypatch):
-    from types import SimpleNamespace
-
+def test_lm_head_refuses_a_head_gptq_cannot_calibrate(tiny_model_dir, monkeypatch):
     from llmopt.quantize import pipeline
 
     model = pipeline.meta_model(str(tiny_model_dir("llama")))
     monkeypatch.setattr(pipeline, "final_norm", lambda m: None)
-    notes: list[str] = []
-    assert pipeline.head_plan(model, QuantizeOptions(model="m", output="o"), SimpleNamespace(note=notes.append)) is None
-    assert notes == ["output head kept in full precision: no final norm was found beside the decoder layers to "
-                     "calibrate the head on"]
+    assert pipeline.head_plan(model, QuantizeOptions(model="m", output="o")) is None
     with pytest.raises(UserError, match="--lm-head: no final norm"):
         pipeline.head_plan(model, QuantizeOptions(model="m", output="o", lm_head=True))
-    assert pipeline.head_plan(model, QuantizeOptions(model="m", output="o", method="rtn")) == "lm_head"
+    assert pipeline.head_plan(model, QuantizeOptions(model="m", output="o", method="rtn", lm_head=True)) == "lm_head"

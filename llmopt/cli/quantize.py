@@ -41,7 +41,7 @@ def quantize(
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = D.seq_len,
     seed: Annotated[int, typer.Option(help="Seed for picking calibration windows.")] = D.seed,
     skip: Annotated[list[str] | None, typer.Option(help=SKIP_HELP)] = None,
-    lm_head: Annotated[bool | None, typer.Option("--lm-head/--no-lm-head", help=LM_HEAD_HELP)] = D.lm_head,
+    lm_head: Annotated[bool, typer.Option("--lm-head/--no-lm-head", help=LM_HEAD_HELP)] = D.lm_head,
     threshold: Annotated[float, typer.Option(help="llm-int8: outlier threshold.")] = D.threshold,
     double_quant: Annotated[bool, typer.Option("--double-quant", help="nf4/fp4: also quantize the "
                                                                        "quantization constants.")] = D.double_quant,

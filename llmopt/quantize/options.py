@@ -38,8 +38,9 @@ LM_HEAD_HELP = ("gptq/rtn/int8: also quantize the output head (lm_head): 8-bit w
                 "channel below 8 bits, else the decoder's grid; GPTQ calibrates it on the final norm's "
                 "outputs. A head tied to the input embeddings is untied in config.json and the embeddings "
                 "written in full precision beside it (llmopt serves them from the quantized head). "
-                "transformers' own GPTQ loading (optimum) cannot read a quantized head: use --no-lm-head "
-                "for it. Default: on when the head's widths fit the layout; never for bitsandbytes methods.")
+                "Off by default: transformers' own GPTQ loading (optimum) cannot read a quantized head and "
+                "would run a random one, so only llmopt and GPTQModel load such a checkpoint. Not for "
+                "bitsandbytes methods.")
 # module names hold identifiers and dots; the rest are fnmatch wildcards
 _SKIP_CHARS = re.compile(r"[\w.*?\[\]!-]+")
 
@@ -92,7 +93,7 @@ class QuantizeOptions:
     seq_len: int = 2048
     seed: int = 0
     skip: list[str] = field(default_factory=list)
-    lm_head: bool | None = None       # None: on for gptq/rtn/int8 when the head can be packed; never for bnb
+    lm_head: bool = False             # off: a quantized head is read by llmopt and GPTQModel, not by transformers
     threshold: float = 6.0            # llm-int8 outlier threshold
     double_quant: bool = False        # nf4/fp4: quantize the quantization constants too
     compute_dtype: str = "bfloat16"   # nf4/fp4 compute dtype

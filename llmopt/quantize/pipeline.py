@@ -79,10 +79,10 @@ def _head_name(model: torch.nn.Module) -> str | None:
         else None
 
 
-def head_plan(model: torch.nn.Module, opts: QuantizeOptions, progress: Progress = SILENT) -> str | None:
-    """The output head's name when it is to be quantized: --lm-head refuses a head the layout cannot
-    hold (or GPTQ cannot calibrate); the default quantizes it whenever it can, else notes why not."""
-    if opts.lm_head is False:
+def head_plan(model: torch.nn.Module, opts: QuantizeOptions) -> str | None:
+    """The output head's name when --lm-head asks for it; a head the layout cannot hold (or GPTQ
+    cannot calibrate) is refused."""
+    if not opts.lm_head:
         return None
     name = _head_name(model)
     head = model.get_submodule(name) if name else None
@@ -93,10 +93,8 @@ def head_plan(model: torch.nn.Module, opts: QuantizeOptions, progress: Progress 
         why = f"the output head's widths ({head.out_features} x {head.in_features}) do not fill whole int32 words"
     elif opts.method == "gptq" and final_norm(model) is None:
         why = "no final norm was found beside the decoder layers to calibrate the head on"
-    require(why is None or opts.lm_head is None, f"--lm-head: {why}", "drop --lm-head (or pass --no-lm-head)")
-    if why:
-        progress.note(f"output head kept in full precision: {why}")
-    return None if why else name
+    require(why is None, f"--lm-head: {why}", "drop --lm-head")
+    return name
 
 
 def _tied(model: torch.nn.Module, head: str | None) -> bool:
@@ -293,7 +291,7 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     params = sum(p.numel() for p in model.parameters())
     prefix, layers = decoder_layers(model)
     skip_names = list(opts.skip) + _unpackable(layers, prefix, spec, opts.skip, progress)
-    head = head_plan(model, opts, progress)
+    head = head_plan(model, opts)
     tied = _tied(model, head)
 
     def solve(name: str, linear: torch.nn.Linear, h: torch.Tensor | None) -> LayerResult:
