@@ -240,7 +240,8 @@ def test_smollm2_with_its_head_quantized_holds_at_most_035x_of_bfloat16(smollm2,
     from llmopt.info import count_parameters
 
     out = tmp_path / "smol"
-    summary = quantize(QuantizeOptions(model="smollm2-135m", output=str(out), method="rtn", device="cpu"))
+    summary = quantize(QuantizeOptions(model="smollm2-135m", output=str(out), method="rtn", device="cpu",
+                                       lm_head=True))
     assert summary["quantized_layers"] == 211 and summary["layers"][-1]["module"] == "lm_head"
     q = load_model(str(out), device="cpu")
     assert isinstance(q.model.get_input_embeddings(), QuantEmbedding)
