@@ -33,11 +33,11 @@ from llmopt.models import load_model
 from llmopt.quantize import QuantizeOptions, quantize
 
 # label -> (QuantizeOptions overrides, label of the RTN row its perplexity increase is compared with).
-# Every variant names act-order (desc_act), the range search (mse) and the output head (lm_head: 8-bit
-# per channel in every variant, as by default) explicitly, so a label keeps its meaning when a
-# default changes. The unqualified "GPTQ w4 g128" etc. are today's defaults.
+# Every variant names act-order (desc_act), the range search (mse) and the output head (lm_head: kept
+# in full precision, as by default) explicitly, so a label keeps its meaning when a default changes.
+# The unqualified "GPTQ w4 g128" etc. are today's defaults.
 W4, W3, PC = dict(bits=4, group_size=128), dict(bits=3, group_size=128), dict(bits=4, group_size=-1)
-RTN, GPTQ = dict(method="rtn", desc_act=False, lm_head=True), dict(method="gptq", lm_head=True)
+RTN, GPTQ = dict(method="rtn", desc_act=False, lm_head=False), dict(method="gptq", lm_head=False)
 VARIANTS: dict[str, tuple[dict, str | None]] = {
     "RTN w4 g128": ({**RTN, **W4, "mse": False}, "RTN w4 g128"),
     "RTN w4 g128 mse": ({**RTN, **W4, "mse": True}, "RTN w4 g128"),
@@ -50,7 +50,7 @@ VARIANTS: dict[str, tuple[dict, str | None]] = {
     "RTN w4 per-channel": ({**RTN, **PC, "mse": False}, "RTN w4 per-channel"),
     "GPTQ w4 per-channel no-act-order": ({**GPTQ, **PC, "desc_act": False, "mse": True}, "RTN w4 per-channel"),
     "GPTQ w4 per-channel": ({**GPTQ, **PC, "desc_act": True, "mse": True}, "RTN w4 per-channel"),
-    "int8 per-channel": (dict(method="int8", desc_act=False, mse=False, lm_head=True), None),
+    "int8 per-channel": (dict(method="int8", desc_act=False, mse=False, lm_head=False), None),
 }
 
 
