@@ -314,10 +314,13 @@ def _placement(device: torch.device) -> dict:
 
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto", progress: Progress = SILENT,
-               tokenizer: bool = True) -> LoadedModel:
-    """Load MODEL for inference or transformation. Raises UserError for anything the user can fix."""
+               tokenizer: bool = True, head: str = "full") -> LoadedModel:
+    """Load MODEL for inference or transformation. Raises UserError for anything the user can fix.
+    `head` is how llmopt's own runtime serves a quantized checkpoint's full-precision output head
+    (`llmopt.quantize.runtime.runtime_head`); the default keeps it as stored, which transforms need."""
     dev = parse_device(device)
     torch_dtype = parse_dtype(dtype, dev)
+    check_head(head)
     source = local_dir(spec, progress)
     from transformers import AutoTokenizer
 
@@ -337,7 +340,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", progress: P
     method = quant_method(config)
     progress.start(f"Loading {spec}", total=None)
     if method in FORMAT_LOADERS:
-        model = _import_target(FORMAT_LOADERS[method])(path, config, dev, torch_dtype)
+        model = _import_target(FORMAT_LOADERS[method])(path, config, dev, torch_dtype, head=head)
     else:
         if method == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
             raise UserError(f"{spec} is quantized with bitsandbytes, which is not installed",
@@ -355,6 +358,16 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", progress: P
     tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
     progress.finish()
     return LoadedModel(model.eval(), tok, source, dev, provenance=read_provenance(path))
+
+
+HEADS = ("auto", "int8", "full")
+
+
+def check_head(head: str) -> None:
+    """`--head`: auto (int8 on CPU), int8 or full; only quantized checkpoints' runtimes act on it."""
+    if head not in HEADS:
+        raise UserError(f"--head {head!r} is not one of {', '.join(HEADS)}",
+                        hint="auto (8-bit on CPU), int8, or full (the checkpoint's own precision)")
 
 
 def _load_hub(source: Source, dev: torch.device, torch_dtype: torch.dtype, progress: Progress,

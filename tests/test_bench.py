@@ -318,7 +318,8 @@ def test_json_schema_and_csv(pair, cli, tmp_path):
     assert method["ppl_data"] == "builtin" and method["ppl_data_description"].startswith("builtin:")
     assert method["settings"]["repeats"] == 2 and method["settings"]["seq_len"] == 64
     assert method["device"] == "cpu" and method["dtype"] == "float32" and method["torch_threads"] >= 1
-    assert {"timing", "rounds", "prompt"} <= set(method["speed"])
+    assert {"timing", "rounds", "prompt", "weight_bandwidth_pct"} <= set(method["speed"])
+    assert 0.1 < method["memory_bandwidth_gb_s"] < 10_000
     rows = report["models"]
     assert [r["role"] for r in rows] == ["baseline", "model"] and rows[1]["name"] == str(noisy)
     for r in rows:
@@ -327,6 +328,9 @@ def test_json_schema_and_csv(pair, cli, tmp_path):
         for k in ("parameters", "weight_bytes", "disk_bytes", "bits_per_weight", "perplexity", "ttft_s",
                   "prefill_tok_s", "decode_tok_s", "batch_decode_tok_s", "weight_bandwidth_gb_s"):
             assert isinstance(m[k], (int, float)) and m[k] > 0, k
+        # weights GB/s as a share of the machine's copy bandwidth, measured once in the same run
+        assert m["weight_bandwidth_pct"] == pytest.approx(100 * m["weight_bandwidth_gb_s"]
+                                                          / method["memory_bandwidth_gb_s"])
         assert len(r["timings"]["decode_tok_s"]["rounds"]) == 2
         t = r["timings"]["decode_tok_s"]
         assert t["min"] <= t["median"] <= t["max"]

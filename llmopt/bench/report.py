@@ -84,6 +84,11 @@ def _range(row: dict, name: str, scale: float = 1.0) -> Text:
 SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
+def _pct_of_memory(row: dict) -> str:
+    pct = (row.get("metrics") or {}).get("weight_bandwidth_pct")
+    return "" if pct is None else f"{pct:.0f}% of memory"
+
+
 def _sizes(row: dict, original: str | None) -> list[Text]:
     """Weights against the baseline's parameters in float32 and in the original's dtype."""
     lines = [Text(f"{row['metrics']['size_vs_float32_x']:.2f}x fp32")] \
@@ -140,7 +145,7 @@ def render_table(report: dict, title: str | None = None) -> Table:
                         lambda r: _cell(_num(m(r, "batch_decode_tok_s")), d(r, "batch_decode_tok_s"),
                                         _range(r, "batch_decode_tok_s"))))
     if has["weight_bandwidth_gb_s"]:
-        columns.append(("weights GB/s", lambda r: _cell(_num(m(r, "weight_bandwidth_gb_s")))))
+        columns.append(("weights GB/s", lambda r: _cell(_num(m(r, "weight_bandwidth_gb_s")), _pct_of_memory(r))))
     if has["peak_cuda_allocated_bytes"]:
         columns.append(("peak CUDA", lambda r: _cell(_bytes(m(r, "peak_cuda_allocated_bytes")),
                                                      d(r, "peak_cuda_allocated_bytes"))))
@@ -170,9 +175,15 @@ def _caption(report: dict) -> str:
         parts.append(f"quality: {m.get('ppl_data_description') or m.get('ppl_data')}, {s.get('seq_len')}-token "
                      f"windows (cap {s.get('ppl_windows') or 'none'})"
                      + (f"; BOS first in each window for {', '.join(dict.fromkeys(bos))}" if bos else ""))
+    int8_head = [r["name"] for r in report["models"] if r.get("runtime_head") == "int8"]
+    if int8_head:
+        parts.append(f"output head stored in full precision, rounded to int8 at load by llmopt's runtime (--head) "
+                     f"for {', '.join(dict.fromkeys(int8_head))}")
     if m.get("speed"):
+        bw = m.get("memory_bandwidth_gb_s")
         parts.append(f"speed: prompt {s.get('prompt_len')}, {s.get('gen_len')} new tokens, median "
-                     f"and min..max of {s.get('repeats')} interleaved rounds, {m.get('torch_threads')} threads")
+                     f"and min..max of {s.get('repeats')} interleaved rounds, {m.get('torch_threads')} threads"
+                     + (f"; memory copy bandwidth {bw:.1f} GB/s (the % under weights GB/s)" if bw else ""))
     ref = m.get("size_reference") or {}
     original = ref.get("original_dtype")
     parts.append(f"weights: x fp32 = weight bytes / the baseline's {_count(ref.get('parameters'))} parameters in "

@@ -23,7 +23,7 @@ from llmopt.data import Corpus, bos_id, check_source, cut_eval, load_text, rando
     tokenize_corpus
 from llmopt.errors import MissingExtra, UserError, require
 from llmopt.info import model_info, original_dtype, size_ratios, stored_dtype
-from llmopt.models import LoadedModel, load_model, parse_device, parse_dtype, resolve
+from llmopt.models import LoadedModel, check_head, load_model, parse_device, parse_dtype, resolve
 from llmopt.progress import SILENT, Progress
 
 SCHEMA_VERSION = 1
@@ -68,6 +68,9 @@ METHOD_TEXT = {
     "prefill_tok_s": "batch x prompt_len / ttft_s",
     "decode_tok_s": "(gen_len - 1) / time from the first token to the last, batch 1",
     "batch_decode_tok_s": "batch x (gen_len - 1) / decode time, at --batch N",
+    "weight_bandwidth_pct": "weight_bandwidth_gb_s as a percentage of memory_bandwidth_gb_s, the machine's "
+                            "copy bandwidth (bytes read + written by one 256 MiB tensor copy, best of 5) "
+                            "measured once in the same run: how close decode runs to the memory limit",
     "weight_bandwidth_gb_s": "bytes of weights read per decode step x decode_tok_s / 1e9 (as gpt-fast reports); "
                              "an input embedding not tied to the head counts one row",
     "memory": "each model loaded again in a fresh spawned process that generates once with the same prompt "
@@ -95,6 +98,7 @@ class BenchOptions:
     memory: bool = True               # peak memory in a fresh child process per model
     device: str = "auto"
     dtype: str = "auto"
+    head: str = "auto"                # a quantized checkpoint's full-precision head: models.check_head
     seed: int = 0
     csv: str | None = None
     plot: str | None = None
@@ -117,6 +121,7 @@ class BenchOptions:
         require(not (self.plot and self.skip_quality), "--plot draws perplexity, which --skip-quality skips",
                 "drop --skip-quality or --plot")
         parse_dtype(self.dtype, parse_device(self.device))
+        check_head(self.head)
         check_source(self.ppl_data, "--ppl-data", "eval", self.data_dir)
         for spec in ([self.baseline] if self.baseline else []) + list(self.models):
             resolve(spec)
@@ -148,7 +153,7 @@ def _key(spec: str) -> str:
 
 def _load(spec: str, opts: BenchOptions, progress: Progress) -> LoadedModel:
     try:
-        return load_model(spec, device=opts.device, dtype=opts.dtype, progress=progress)
+        return load_model(spec, device=opts.device, dtype=opts.dtype, progress=progress, head=opts.head)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - a broken checkpoint is the user's to fix
@@ -222,7 +227,7 @@ def _speed(opts: BenchOptions, entries: list[_Entry], corpora: list[Corpus], pro
         for e, prompt in zip(entries, prompts):
             if id(e.loaded) not in done:
                 progress.start(f"memory: {e.name} (fresh process)", total=None)
-                done[id(e.loaded)] = peak_memory(e.name, opts.device, opts.dtype, prompt, opts.gen_len)
+                done[id(e.loaded)] = peak_memory(e.name, opts.device, opts.dtype, prompt, opts.gen_len, opts.head)
                 progress.finish()
             memory.append(done[id(e.loaded)])
     speed = measure_speed([e.loaded.model for e in entries], prompts, opts.gen_len, opts.repeats, opts.warmup,
@@ -275,6 +280,7 @@ def bench(opts: BenchOptions, progress: Progress = SILENT) -> dict:
         "models": rows,
     }
     report["method"]["size_reference"] = reference
+    report["method"]["memory_bandwidth_gb_s"] = speed[0].memory_bandwidth_gb_s if speed else None
     if opts.csv:
         write_csv(report, opts.csv, opts.force)
     if opts.plot:
@@ -290,7 +296,8 @@ def _row(i: int, entries: list[_Entry], info: dict, reference: dict, q: WindowSt
     metrics.update(_sizes(info["weight_bytes"], reference))
     metrics.update(dict.fromkeys(("perplexity", "nll", "bits_per_byte", "ppl_windows", "ppl_tokens", "ppl_bytes",
                                   "kl_vs_baseline", "top1_agreement_pct", "ttft_s", "prefill_tok_s",
-                                  "decode_tok_s", "batch_decode_tok_s", "weight_bandwidth_gb_s", "peak_rss_bytes",
+                                  "decode_tok_s", "batch_decode_tok_s", "weight_bandwidth_gb_s", "weight_bandwidth_pct",
+                                  "peak_rss_bytes",
                                   "runtime_rss_bytes", "peak_cuda_allocated_bytes")))
     timings: dict[str, dict] = {}
     if q is not None:
@@ -302,6 +309,7 @@ def _row(i: int, entries: list[_Entry], info: dict, reference: dict, q: WindowSt
             timings[name] = spread(values)
             metrics[name] = timings[name]["median"]
         metrics["weight_bandwidth_gb_s"] = info["bytes_read_per_token"] * metrics["decode_tok_s"] / 1e9
+        metrics["weight_bandwidth_pct"] = 100.0 * metrics["weight_bandwidth_gb_s"] / sp.memory_bandwidth_gb_s
     if mem is not None:
         metrics.update({k: mem.get(k) for k in ("peak_rss_bytes", "runtime_rss_bytes", "peak_cuda_allocated_bytes")})
     return {
@@ -310,6 +318,7 @@ def _row(i: int, entries: list[_Entry], info: dict, reference: dict, q: WindowSt
         "same_model_as": next((entries[j].name for j in range(i) if entries[j].loaded is e.loaded), None),
         "architecture": info["architecture"], "model_type": info["model_type"], "dtype": info["dtype"],
         "stored_dtype": info["stored_dtype"], "quantization": info["quantization"],
+        "runtime_head": getattr(e.loaded.model, "runtime_head", None),
         "metrics": metrics, "timings": timings, "deltas": {},
     }
 
@@ -359,6 +368,6 @@ def _method(opts: BenchOptions, device: torch.device, source: str, description: 
         "size": METHOD_TEXT["size"],
         "speed": None if not timed else {
             k: METHOD_TEXT[k] for k in ("timing", "rounds", "prompt", "ttft_s", "prefill_tok_s", "decode_tok_s",
-                                        "batch_decode_tok_s", "weight_bandwidth_gb_s")},
+                                        "batch_decode_tok_s", "weight_bandwidth_gb_s", "weight_bandwidth_pct")},
         "memory": METHOD_TEXT["memory"] if timed and opts.memory else None,
     }

@@ -53,6 +53,23 @@ class Timing:
         return self.batch * (self.new_tokens - 1) / self.decode_s
 
 
+def memory_bandwidth(device: torch.device, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """The machine's memory bandwidth in GB/s, STREAM-copy style: bytes read plus bytes written by one
+    large tensor copy (far larger than any cache), best of `repeats`; decode at batch 1 reads every
+    weight once per token, so this is the ceiling its weights GB/s can approach."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)                               # touch every page once before timing
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best / 1e9
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -105,6 +122,7 @@ def spread(values: list[float]) -> dict:
 class SpeedResult:
     rounds: list[Timing] = field(default_factory=list)          # batch 1
     batch_rounds: list[Timing] = field(default_factory=list)    # --batch N (empty when off)
+    memory_bandwidth_gb_s: float | None = None                  # the machine's, measured in the same run
 
     def figures(self) -> dict[str, list[float]]:
         """Per-round values of every timing metric."""
@@ -123,7 +141,8 @@ def measure_speed(models: list, prompts: list[torch.Tensor], gen_len: int, repea
     running every model once, the order alternating (A, B, B, A, A, B, ...) so that neither model always
     runs first or after the other. `prompts[i]` is model i's [1, prompt_len] prompt."""
     names = names or [f"model {i}" for i in range(len(models))]
-    results = [SpeedResult() for _ in models]
+    bandwidth = memory_bandwidth(model_device(models[0]))
+    results = [SpeedResult(memory_bandwidth_gb_s=bandwidth) for _ in models]
     total = (warmup + repeats) * len(models)
     progress.start(f"speed: {warmup} warm-up + {repeats} interleaved round(s) x {len(models)} model(s)", total)
     gc.collect()
@@ -181,7 +200,7 @@ def _rss_figures() -> dict[str, int]:
 
 
 def _memory_child(spec: str, device: str, dtype: str, prompt: list[list[int]], gen_len: int, threads: int,
-                  replies) -> None:
+                  head: str, replies) -> None:
     try:
         torch.set_num_threads(threads)
         from transformers.utils import logging as hf_logging
@@ -192,7 +211,7 @@ def _memory_child(spec: str, device: str, dtype: str, prompt: list[list[int]], g
         hf_logging.set_verbosity_error()
 
         runtime = _rss_figures().get("VmRSS")
-        loaded = load_model(spec, device=device, dtype=dtype, tokenizer=False)
+        loaded = load_model(spec, device=device, dtype=dtype, tokenizer=False, head=head)
         dev = model_device(loaded.model)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -206,14 +225,15 @@ def _memory_child(spec: str, device: str, dtype: str, prompt: list[list[int]], g
         replies.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def peak_memory(spec: str, device: str, dtype: str, prompt: torch.Tensor, gen_len: int) -> dict[str, Any]:
+def peak_memory(spec: str, device: str, dtype: str, prompt: torch.Tensor, gen_len: int,
+                head: str = "full") -> dict[str, Any]:
     """Load `spec` in a fresh spawned process, generate once, and return its peak memory figures:
     `peak_rss_bytes` (whole process, CPU), `runtime_rss_bytes` (the process before loading the model:
     Python, torch and transformers), and on CUDA `peak_cuda_allocated_bytes`."""
     ctx = multiprocessing.get_context("spawn")
     replies = ctx.Queue()
     proc = ctx.Process(target=_memory_child, daemon=True,
-                       args=(spec, device, dtype, prompt.tolist(), gen_len, torch.get_num_threads(), replies))
+                       args=(spec, device, dtype, prompt.tolist(), gen_len, torch.get_num_threads(), head, replies))
     proc.start()
     try:
         while True:

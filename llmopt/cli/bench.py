@@ -9,7 +9,7 @@ from rich.console import Console
 
 from llmopt.bench.report import FORCE_RULE, render_table
 from llmopt.bench.run import BenchOptions, bench as run_bench
-from llmopt.cli.common import DataDir, Device, Dtype, Json, RichProgress, app, err_console, print_json
+from llmopt.cli.common import DataDir, Device, Dtype, Head, Json, RichProgress, app, err_console, print_json
 
 D = BenchOptions
 
@@ -50,6 +50,7 @@ def bench(
     data_dir: DataDir = D.data_dir,
     device: Device = D.device,
     dtype: Dtype = D.dtype,
+    head: Head = D.head,
     json: Json = False,
 ) -> None:
     """Measure models side by side (one process, interleaved rounds, same data) and show deltas vs a baseline.
@@ -59,7 +60,7 @@ def bench(
     opts = BenchOptions(models=list(models), baseline=baseline, ppl_data=ppl_data, data_dir=data_dir,
                         seq_len=seq_len, ppl_windows=ppl_windows, prompt_len=prompt_len, gen_len=gen_len,
                         batch=batch, repeats=repeats, warmup=warmup, skip_quality=skip_quality,
-                        skip_speed=skip_speed, memory=memory, device=device, dtype=dtype, seed=seed, csv=csv,
+                        skip_speed=skip_speed, memory=memory, device=device, dtype=dtype, head=head, seed=seed, csv=csv,
                         plot=plot, force=force)
     report = run_bench(opts, RichProgress(not json))
     if json:

@@ -8,10 +8,10 @@ from typing import Annotated
 
 import typer
 
-from llmopt.cli.common import Device, Dtype, Json, RichProgress, app, err_console, print_json
+from llmopt.cli.common import Device, Dtype, Head, Json, RichProgress, app, err_console, print_json
 from llmopt.errors import UserError
 from llmopt.generate import GenerateOptions, generate as run_generate
-from llmopt.models import load_model
+from llmopt.models import check_head, load_model
 
 D = GenerateOptions
 
@@ -31,6 +31,7 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="Stop when this text appears (repeatable).")] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    head: Head = "auto",
     json: Json = False,
 ) -> None:
     """Generate text from a prompt, streaming tokens to stdout and timings to stderr."""
@@ -40,7 +41,8 @@ def generate(
                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, num_beams=num_beams,
                            seed=seed, stop=list(stop or []))
     opts.validate()  # before the (slow) load
-    loaded = load_model(model, device=device, dtype=dtype, progress=RichProgress(not json))
+    check_head(head)
+    loaded = load_model(model, device=device, dtype=dtype, progress=RichProgress(not json), head=head)
 
     def stream(text: str) -> None:
         sys.stdout.write(text)

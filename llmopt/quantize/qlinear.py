@@ -162,7 +162,8 @@ class QuantLinear(torch.nn.Module):
     def _init_int8(self, q, zeros, scales, device) -> None:
         s = scales.float()[0]                             # [N]
         z = zeros[0].long()
-        self.register_buffer("w_int8", (q.long() - 128).to(torch.int8).contiguous().to(device))
+        # int16 scratch, not int64: for a vocabulary-sized head the difference is hundreds of MB of peak memory
+        self.register_buffer("w_int8", (q.to(torch.int16) - 128).to(torch.int8).contiguous().to(device))
         self.register_buffer("scales_bf16", s.to(torch.bfloat16).to(device))
         shift = (z - 128).float() * s.to(torch.bfloat16).float()
         self.register_buffer("zero_shift", shift.to(device) if bool((z != 128).any()) else None)

@@ -11,6 +11,12 @@ source tied its input embeddings to that head (`meta.tied_embeddings`), the full
 embeddings in the file (there for other loaders) are dropped after loading and the lookups served
 from the head's codes (`QuantEmbedding`): the table is then held once, quantized, as in the source
 (docs/formats.md gives the quality this costs; `EMBEDDINGS_FROM_HEAD` turns it off).
+
+A head the checkpoint keeps in full precision (the default, because transformers' GPTQ loader cannot
+read a quantized one) is still the largest single read of every decoded token: with `head="int8"`
+(what `"auto"` means on CPU) it is rounded to 8 bits, one scale per output row, as it loads, and a
+tied embedding is served from those codes. The file is unchanged; only llmopt's runtime does this,
+and `bench` says so in its method (docs/runtime.md gives its cost in quality and its gain in speed).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 import torch
 
 from llmopt.errors import UserError
-from llmopt.models import check_loading_info, check_weight_files, reading_weights
+from llmopt.models import check_head, check_loading_info, check_weight_files, reading_weights
 from llmopt.quantize import packing
 from llmopt.quantize.qlinear import QuantLinear
 
@@ -103,6 +109,38 @@ def embeddings_from_head(model: torch.nn.Module) -> None:
                                               scale if isinstance(scale, torch.Tensor) else None))
 
 
+def runtime_head(head: str, device: torch.device) -> str:
+    """What `--head` means on this device: `auto` is int8 on CPU, where PyTorch has the int8 kernel."""
+    check_head(head)
+    if head == "auto":
+        return "int8" if device.type == "cpu" else "full"
+    return head
+
+
+def head_to_int8(model: torch.nn.Module) -> bool:
+    """Round a full-precision output head to 8-bit codes, one symmetric scale per output row, and serve
+    a tied embedding from them. False when there is nothing to do (no plain Linear head)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.weight.is_meta:
+        return False
+    w = head.weight.detach()
+    scale = (w.abs().amax(dim=1).float() / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.empty(w.shape, dtype=torch.uint8)
+    for r0 in range(0, w.shape[0], 4096):      # in row chunks: no float32 copy of the whole table
+        rows = w[r0:r0 + 4096].float() / scale[r0:r0 + 4096, None]   # a copy: the tied table is still in use
+        rows.round_().clamp_(-127, 127)
+        q[r0:r0 + 4096] = (rows + 128).to(torch.uint8)
+    zeros = torch.full((1, w.shape[0]), 128, dtype=torch.int16)
+    bias = None if head.bias is None else head.bias.detach()
+    module = QuantLinear(q, zeros, scale[None, :], torch.zeros(w.shape[1], dtype=torch.int32), bias, 8, -1,
+                         w.device)
+    tied = model.get_input_embeddings().weight is head.weight
+    model.set_submodule(next(n for n, m in model.named_modules() if m is head), module)
+    if tied:
+        embeddings_from_head(model)
+    return True
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory (safetensors, sharded or not; .bin as a fallback)."""
     from safetensors.torch import load_file
@@ -143,8 +181,8 @@ def module_grid(qconfig: dict, name: str, bits: int, group_size: int) -> tuple[i
     return bits, group_size
 
 
-def load_gptq_model(path: Path, config: dict, device: torch.device, dtype: torch.dtype):
-    """FORMAT_LOADERS entry for quant_method 'gptq'."""
+def load_gptq_model(path: Path, config: dict, device: torch.device, dtype: torch.dtype, head: str = "auto"):
+    """FORMAT_LOADERS entry for quant_method 'gptq'; `head`: see `runtime_head`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     qconfig = dict(config["quantization_config"])
@@ -184,6 +222,8 @@ def load_gptq_model(path: Path, config: dict, device: torch.device, dtype: torch
     model.config.quantization_config = qconfig
     if EMBEDDINGS_FROM_HEAD and qconfig.get("lm_head") and (qconfig.get("meta") or {}).get("tied_embeddings"):
         embeddings_from_head(model)
+    if runtime_head(head, device) == "int8" and head_to_int8(model):
+        model.runtime_head = "int8"      # read by bench's report: not the checkpoint's own precision
     return model
 
 

@@ -1,0 +1,98 @@
+"""`--head`: llmopt's runtime serving a GPTQ checkpoint's full-precision output head as 8-bit codes.
+
+The checkpoint is not changed (transformers must still read it); what changes is what bench and
+generate run, so the logits must be those of the int8-rounded head, the tied embeddings must come
+from the same codes, and the choice must be visible and refusable.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmopt.models import load_model
+from llmopt.quantize import QuantizeOptions, quantize
+from llmopt.quantize.qlinear import QuantLinear
+from llmopt.quantize.runtime import QuantEmbedding, head_to_int8
+
+
+def _gptq(src, out, **kw):
+    opts = dict(calib="builtin", nsamples=4, seq_len=32, device="cpu", group_size=32)
+    opts.update(kw)
+    quantize(QuantizeOptions(model=str(src), output=str(out), **opts))
+    return out
+
+
+def _int8_rows(w: torch.Tensor) -> torch.Tensor:
+    """The head as the runtime should hold it: symmetric 8-bit per row, scale rounded to bfloat16."""
+    exact = (w.abs().amax(dim=1) / 127).clamp(min=1e-30)      # an all-zero row (padding) stays zero
+    scale = exact.to(torch.bfloat16).float()
+    return torch.round(w / exact[:, None]).clamp(-127, 127) * scale[:, None]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2"])   # tied, tied + scaled embeddings, untied
+def test_int8_head_logits_are_the_int8_rounded_heads(arch, tiny_model_dir, tmp_path):
+    out = _gptq(tiny_model_dir(arch), tmp_path / "q")
+    full = load_model(str(out), device="cpu", head="full").model
+    int8 = load_model(str(out), device="cpu", head="int8").model
+    assert isinstance(full.lm_head, torch.nn.Linear)
+    assert isinstance(int8.lm_head, QuantLinear) and int8.lm_head.mode == "int8"
+    assert int8.runtime_head == "int8" and not hasattr(full, "runtime_head")
+    tied = full.config.tie_word_embeddings
+    assert isinstance(int8.get_input_embeddings(), QuantEmbedding) == tied
+    reference = _int8_rows(full.lm_head.weight.detach().float())
+    assert torch.allclose(int8.lm_head.dequantized_weight(torch.float32), reference, rtol=0, atol=1e-6)
+    ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    int8.lm_head.register_forward_hook(lambda m, args, y: seen.update(x=args[0], y=y))
+    with torch.no_grad():
+        got = int8(ids).logits
+        base = full(ids).logits
+    expected = seen["x"] @ reference.t()
+    assert torch.linalg.norm(seen["y"] - expected) / torch.linalg.norm(expected) < 1e-2   # bf16 activations
+    assert not torch.equal(got, base)                       # the head really is another one
+    if tied:     # embeddings read from the same codes: the first layer sees the int8-rounded rows
+        emb = int8.get_input_embeddings()(ids[0])
+        scale = getattr(full.get_input_embeddings(), "embed_scale", None)
+        rows = reference[ids[0]] * (1.0 if scale is None else scale.float())
+        assert torch.allclose(emb.float(), rows, rtol=1e-2, atol=1e-3)
+
+
+def test_auto_is_int8_on_cpu_and_transforms_load_the_head_as_stored(tiny_model_dir, tmp_path):
+    out = _gptq(tiny_model_dir("llama"), tmp_path / "q")
+    assert isinstance(load_model(str(out), device="cpu", head="auto").model.lm_head, QuantLinear)
+    # load_model's default is what transforms (quantize, prune, distill) need: the stored head
+    assert isinstance(load_model(str(out), device="cpu").model.lm_head, torch.nn.Linear)
+
+
+def test_a_quantized_head_is_left_as_the_checkpoint_has_it(tiny_model_dir, tmp_path):
+    out = _gptq(tiny_model_dir("llama"), tmp_path / "q", lm_head=True)
+    model = load_model(str(out), device="cpu", head="int8").model
+    assert model.lm_head.group_size == -1 and model.lm_head.bits == 8
+    assert not hasattr(model, "runtime_head")            # nothing was rounded at load
+    assert head_to_int8(model) is False
+
+
+def test_bench_says_which_model_had_its_head_rounded(tiny_model_dir, tmp_path, cli):
+    src = tiny_model_dir("llama")
+    out = _gptq(src, tmp_path / "q")
+    code, stdout, err = cli("bench", str(out), "--baseline", str(src), "--skip-speed", "--ppl-data", "builtin",
+                            "--seq-len", "32", "--ppl-windows", "2", "--json")
+    assert code == 0, err
+    rows = {r["role"]: r for r in json.loads(stdout)["models"]}
+    assert rows["model"]["runtime_head"] == "int8" and rows["baseline"]["runtime_head"] is None
+    code, stdout, err = cli("bench", str(out), "--baseline", str(src), "--skip-speed", "--ppl-data", "builtin",
+                            "--seq-len", "32", "--ppl-windows", "2", "--head", "full", "--json")
+    assert code == 0, err
+    assert all(r["runtime_head"] is None for r in json.loads(stdout)["models"])
+
+
+@pytest.mark.parametrize("command", [["generate", "{m}", "hi"], ["bench", "{m}", "--skip-speed"]])
+def test_bad_head_exits_2_before_loading(command, tiny_model_dir, tmp_path, cli):
+    model = tiny_model_dir("llama")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = cli(*[c.format(m=model) for c in command], "--head", "int4")
+    assert code == 2 and "--head 'int4'" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
