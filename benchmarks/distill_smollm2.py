@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from llmopt.bench.quality import perplexity
-from llmopt.data import data_dir, text_windows
+from llmopt.data import data_dir, load_windows
 from llmopt.distill import DistillOptions, distill
 from llmopt.models import load_model
 from llmopt.progress import Progress
@@ -51,10 +51,10 @@ class Log(Progress):
 
 def test_ppl(spec: str, windows: int, directory: str | None, log: Log) -> float:
     loaded = load_model(spec, device="cpu")
-    ids, _ = text_windows(loaded.tokenizer, "wikitext2", "eval", 2048, max_windows=windows, directory=directory)
+    ids = load_windows(loaded.tokenizer, "wikitext2", "eval", 2048, max_windows=windows, directory=directory)
     t0 = time.time()
     ppl = perplexity(loaded.model, ids)
-    log.note(f"wiki.test.raw perplexity of {spec}: {ppl:.3f} ({len(ids)} x 2048 tokens, {time.time() - t0:.0f}s)")
+    log.note(f"wiki.test.raw perplexity of {spec}: {ppl:.3f} ({len(ids.ids)} x 2048 tokens, {time.time() - t0:.0f}s)")
     return ppl
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from llmopt.bench.quality import perplexity
-from llmopt.data import text_windows
+from llmopt.data import Windows, load_windows, text_windows
 from llmopt.models import load_model
 from llmopt.quantize import QuantizeOptions, quantize
 
@@ -64,7 +64,7 @@ def two_forward_passes(model, windows: torch.Tensor) -> float:
     return time.perf_counter() - t
 
 
-def run_variant(label: str, args, work: Path, evals: torch.Tensor, results: dict) -> None:
+def run_variant(label: str, args, work: Path, evals: Windows, results: dict) -> None:
     """Quantize one variant, load it back through llmopt's runtime, score it; print one line."""
     overrides, _ = VARIANTS[label]
     out = work / label.replace(" ", "_")
@@ -119,10 +119,11 @@ def main() -> None:
 
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="gptq-bench-"))
     base = load_model(args.model, device="cpu")
-    evals, desc = text_windows(base.tokenizer, "wikitext2", "eval", 2048, max_windows=args.windows)
+    evals = load_windows(base.tokenizer, "wikitext2", "eval", 2048, max_windows=args.windows)   # BOS not scored
+    desc = evals.description
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; python {' '.join(sys.argv)}", flush=True)
-    print(f"# eval {len(evals)} x 2048 tokens of {desc}; calibration {args.nsamples} x {args.seq_len}", flush=True)
+    print(f"# eval {len(evals.ids)} x 2048 tokens of {desc}; calibration {args.nsamples} x {args.seq_len}", flush=True)
     t = time.perf_counter()
     ppl0 = perplexity(base.model, evals)
     dtype = next(base.model.parameters()).dtype

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from llmopt.bench.quality import perplexity
-from llmopt.data import text_windows
+from llmopt.data import load_windows
 from llmopt.models import load_model
 from llmopt.quantize import QuantizeOptions, quantize
 
@@ -33,11 +33,12 @@ def main() -> None:
     args = ap.parse_args()
 
     base = load_model(args.model, device="cpu")
-    evals, desc = text_windows(base.tokenizer, "wikitext2", "eval", 2048, max_windows=args.windows)
+    evals = load_windows(base.tokenizer, "wikitext2", "eval", 2048, max_windows=args.windows)   # BOS not scored
+    desc = evals.description
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; python {' '.join(sys.argv)}", flush=True)
     ppl0 = perplexity(base.model, evals)
     dtype = str(next(base.model.parameters()).dtype).removeprefix("torch.")
-    print(f"{dtype}: ppl {ppl0:.3f} ({len(evals)} x 2048 tokens of {desc})", flush=True)
+    print(f"{dtype}: ppl {ppl0:.3f} ({len(evals.ids)} x 2048 tokens of {desc})", flush=True)
     del base
     work = Path(tempfile.mkdtemp(prefix="int8-threshold-"))
     try:
