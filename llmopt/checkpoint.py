@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from llmopt.errors import UserError
 
@@ -187,6 +187,51 @@ def atomic_output(out: str | Path, force: bool = False) -> Iterator[Path]:
                     except OSError:
                         break
                 if isinstance(e, KeyboardInterrupt) and not tmp.exists():
+                    _discarded.append(path)
+        raise
+
+
+def check_output_file(out: str | Path, force: bool, replaceable: Callable[[Path], bool]) -> Path:
+    """`check_output` for a single-file output: an existing OUT is replaced only with --force and only when
+    `replaceable(OUT)` recognises it as an earlier llmopt output."""
+    path = Path(out).expanduser()
+    _clear_stale_siblings(path)
+    if os.path.lexists(path):
+        if not path.is_file():
+            raise UserError(f"output {path} already exists and is not a file", hint="choose another output")
+        if not replaceable(path):
+            raise UserError(f"output {path} already exists and is not an earlier llmopt output",
+                            hint="choose another output; --force replaces only an earlier llmopt output")
+        if not force:
+            raise UserError(f"output {path} already exists", hint="pass --force to replace it")
+    check_writable(path)
+    return path
+
+
+@contextmanager
+def atomic_file(out: str | Path, force: bool, replaceable: Callable[[Path], bool]) -> Iterator[Path]:
+    """Yield a temporary sibling file path; rename it to OUT only if the block completes (see `atomic_output`)."""
+    path = check_output_file(out, force, replaceable)
+    created: list[Path] = []
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    committed = False
+    try:
+        _make_parents(path.absolute().parent, created)
+        tmp.unlink(missing_ok=True)
+        yield tmp
+        with _signals_deferred():
+            os.replace(tmp, path)
+            committed = True
+    except BaseException as e:
+        if not committed:
+            with _signals_deferred():
+                tmp.unlink(missing_ok=True)
+                for folder in reversed(created):
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
+                if isinstance(e, KeyboardInterrupt):
                     _discarded.append(path)
         raise
 

@@ -27,7 +27,7 @@ from llmopt.checkpoint import take_discarded
 from llmopt.cli.common import Interrupted, app, err_console
 from llmopt.errors import UserError
 
-COMMANDS = ("info", "generate", "bench", "quantize", "prune", "distill", "run")
+COMMANDS = ("info", "generate", "bench", "quantize", "prune", "distill", "run", "export")
 
 for _name in COMMANDS:
     try:
