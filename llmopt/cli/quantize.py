@@ -22,7 +22,9 @@ def quantize(
     bits: Annotated[int | None, typer.Option(help="2, 3, 4 or 8 (default 4; 8 for int8). Not for bitsandbytes "
                                                   "methods.")] = D.bits,
     group_size: Annotated[int, typer.Option(help="Columns per quantization group: 32, 64, 128, ... or -1 for "
-                                                 "one group per output channel.")] = D.group_size,
+                                                 "one group per output channel. Halved (with a note) until it "
+                                                 "divides every quantized Linear's input width: transformers, "
+                                                 "GPTQModel and vLLM refuse a partial last group.")] = D.group_size,
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (classic gptq format) or asymmetric "
                                                            "(gptq_v2 format) zero points.")] = D.sym,
     desc_act: Annotated[bool, typer.Option("--desc-act/--no-desc-act", help="Act-order: quantize columns by "

@@ -147,7 +147,8 @@ class QuantizeOptions:
                     "--mse")
         require(self.nsamples > 0, f"--nsamples must be positive, got {self.nsamples}")
         require(self.seq_len > 0, f"--seq-len must be positive, got {self.seq_len}")
-        require(0 <= self.damp <= 1, f"--damp must be between 0 and 1, got {self.damp}")
+        require(0 < self.damp < 1, f"--damp must be between 0 and 1 (exclusive), got {self.damp}",
+                "transformers refuses a checkpoint whose damp_percent is not inside (0, 1)")
         require(self.block_size > 0, f"--block-size must be positive, got {self.block_size}")
         if self.method == "gptq":                  # the one method that reads calibration text
             from llmopt.data import check_source

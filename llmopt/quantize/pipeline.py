@@ -9,6 +9,7 @@ standard GPTQ checkpoint (see docs/formats.md) and report per-layer errors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -243,6 +244,40 @@ def _unpackable(layers: torch.nn.ModuleList, prefix: str, spec: QuantSpec, skip:
     return names
 
 
+def fit_group_size(requested: int, widths: dict[str, int]) -> tuple[int, str | None]:
+    """The group size written and, when it is not `requested`, the Linear that forced it.
+
+    transformers, GPTQModel and vLLM refuse a Linear whose input width is not a multiple of the group
+    size (a partial last group), so the group size is halved until it divides every quantized input
+    width (`widths`: module name -> in_features). Packable widths are multiples of 32, so this stops
+    at 32 at the latest, a size every GPTQ kernel accepts; -1 (per channel) always fits."""
+    group = requested
+    while group > 1 and any(w % group for w in widths.values()):
+        group //= 2
+    if group == requested:
+        return group, None
+    return group, min(widths, key=lambda n: widths[n] & -widths[n])     # the fewest factors of two
+
+
+def _fit_spec(spec: QuantSpec, model: torch.nn.Module, skip: list[str], head: str | None,
+              progress: Progress) -> QuantSpec:
+    """`spec` with the group size that divides the input width of every Linear quantized on the
+    decoder's grid (the decoder Linears not in `skip`, and an 8-bit head); says so in one note when
+    it had to change."""
+    prefix, layers = decoder_layers(model)
+    names = [f"{prefix}.{n}" for n in _linear_names(layers) if not skip_matches(f"{prefix}.{n}", skip)]
+    if head is not None and head_spec(spec) == spec:
+        names.append(head)
+    widths = {n: model.get_submodule(n).in_features for n in names}
+    group, culprit = fit_group_size(spec.group_size, widths)
+    if culprit is None:
+        return spec
+    progress.note(f"group size {group}, not {spec.group_size}: {culprit} has input width {widths[culprit]}, and "
+                  f"transformers, GPTQModel and vLLM refuse a layer whose input width is not a multiple of the "
+                  f"group size")
+    return dataclasses.replace(spec, group_size=group)
+
+
 def _error_metrics(opts: QuantizeOptions, rows: list[dict]) -> dict:
     errors = [r["error"] for r in rows]
     return {"mean_error": sum(errors) / len(errors), "max_error": max(errors),
@@ -293,6 +328,7 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     skip_names = list(opts.skip) + _unpackable(layers, prefix, spec, opts.skip, progress)
     head = head_plan(model, opts)
     tied = _tied(model, head)
+    spec = _fit_spec(spec, model, skip_names, head, progress)
 
     def solve(name: str, linear: torch.nn.Linear, h: torch.Tensor | None) -> LayerResult:
         s = head_spec(spec) if name == head else spec
@@ -316,7 +352,7 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     tensors = _state_dict(model, packed, out_dtype)
 
     rows = _layer_rows(done)
-    metrics = {"quantized_layers": len(done), "kept_layers": kept,
+    metrics = {"quantized_layers": len(done), "kept_layers": kept, "group_size_requested": _spec(opts).group_size,
                **_error_metrics(opts, rows), **_packed_metrics(model, done, packed),
                **_size_metrics(tensors, params, out_dtype),
                "calibration": calib_desc,
