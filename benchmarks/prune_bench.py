@@ -6,7 +6,9 @@
 Each variant is produced by the public `prune()` (calibrated on wiki.valid.raw), written to disk and
 loaded back with plain `AutoModelForCausalLM.from_pretrained`, then scored on the first
 --eval-windows 2048-token windows of wiki.test.raw (ablations on the first --ablation-windows, with
-the original's perplexity on the same windows next to them). Speed: the original and the main
+the original's perplexity on the same windows next to them). Windows follow llmopt bench's
+convention (docs/bench.md): BOS first where the tokenizer adds one, and the prediction from BOS
+alone is not scored. Speed: the original and the main
 variant in the same process, interleaved rounds, a prefill of --prompt tokens and a greedy KV-cache
 decode of --gen tokens; the ratios are medians of per-round ratios.
 """
@@ -27,21 +29,26 @@ from transformers import AutoModelForCausalLM
 
 from llmopt.bench.quality import window_nll
 from llmopt.bench.speed import next_step
-from llmopt.data import text_windows
+from llmopt.data import load_windows
 from llmopt.models import load_model
-from llmopt.prune import PruneOptions, prune
+from llmopt.prune import PruneOptions, hidden, prune
 
 VARIANTS = {
     # name: (PruneOptions overrides, full evaluation?)
-    "taylor-obs": ({}, True),                      # the default
-    "taylor": ({"importance": "taylor"}, True),
-    "obs": ({"importance": "obs"}, True),
-    "l2": ({"importance": "l2"}, True),
-    "random": ({"importance": "random"}, True),
-    "taylor-obs, no reconstruction": ({"reconstruct": False}, False),
-    "taylor-obs, MLP only": ({"split": "mlp"}, False),
-    "taylor, no reconstruction": ({"importance": "taylor", "reconstruct": False}, False),
-    "taylor2": ({"importance": "taylor2"}, False),
+    "default": ({}, True),                         # every axis, the split measured
+    "width only": ({"axes": "heads,mlp"}, True),   # what prune did before hidden and depth
+    "hidden only": ({"axes": "hidden"}, False),
+    "depth only": ({"axes": "depth"}, False),
+    "no norm compensation": ({}, False),           # RMSNorm weights not rescaled after hidden pruning
+    "taylor-obs": ({"axes": "heads,mlp"}, True),   # width pruning's importance methods, compared as before
+    "taylor": ({"importance": "taylor", "axes": "heads,mlp"}, True),
+    "obs": ({"importance": "obs", "axes": "heads,mlp"}, True),
+    "l2": ({"importance": "l2", "axes": "heads,mlp"}, True),
+    "random": ({"importance": "random", "axes": "heads,mlp"}, True),
+    "taylor-obs, no reconstruction": ({"reconstruct": False, "axes": "heads,mlp"}, False),
+    "taylor-obs, MLP only": ({"split": "mlp", "axes": "heads,mlp"}, False),
+    "taylor, no reconstruction": ({"importance": "taylor", "reconstruct": False, "axes": "heads,mlp"}, False),
+    "taylor2": ({"importance": "taylor2", "axes": "heads,mlp"}, False),
 }
 
 
@@ -107,7 +114,8 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()} "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; python {' '.join(sys.argv)}", flush=True)
     base = load_model(args.model, device="cpu")
-    windows, desc = text_windows(base.tokenizer, "wikitext2", "eval", 2048, max_windows=args.eval_windows)
+    windows = load_windows(base.tokenizer, "wikitext2", "eval", 2048, max_windows=args.eval_windows)
+    desc = windows.description
     print(f"# eval: {len(windows)} windows x 2048 of {desc}", flush=True)
     t = time.time()
     base_nll = window_nll(base.model, windows)
@@ -121,25 +129,34 @@ def main() -> None:
         overrides, full = VARIANTS[name]
         out = Path(args.work) / name.replace(", ", "-").replace(" ", "_")
         t = time.time()
-        s = prune(PruneOptions(args.model, str(out), ratio=args.ratio, nsamples=args.nsamples, seq_len=args.seq_len,
-                               calib="wikitext2", device="cpu", force=True, **{**extra, **overrides}))
+        opts = PruneOptions(args.model, str(out), ratio=args.ratio, nsamples=args.nsamples, seq_len=args.seq_len,
+                            calib="wikitext2", device="cpu", force=True, **{**extra, **overrides})
+        plain = hidden.HiddenStats.compensation
+        if "no norm compensation" in name:
+            hidden.HiddenStats.compensation = lambda self, norm, keep, h: 1.0
+        try:
+            s = prune(opts)
+        finally:
+            hidden.HiddenStats.compensation = plain
         took = time.time() - t
         model = AutoModelForCausalLM.from_pretrained(out).eval()   # plain transformers
-        w = windows if full else windows[:n_abl]
+        w = windows if full else windows.part(slice(0, n_abl))
         nll = window_nll(model, w)
         ref = ppl(base_nll[: len(w)])
         wa = s["widths_after"]
         row = (f"{name}: ppl {ppl(nll):.3f} on {len(w)} windows ({ppl(nll) / ref:.3f}x original {ref:.3f}); "
                f"removed {s['ratio_achieved']:.2%} of all parameters ({s['parameters_before']:,} -> "
                f"{s['parameters_after']:,}), {s['decoder_ratio_achieved']:.2%} of decoder layers; "
+               f"hidden {s['hidden_after']}, {s['layers_after']} layers (removed {s['layers_removed']}), "
                f"{wa['heads']} heads / {wa['kv_heads']} kv / intermediate {wa['intermediate']}; "
+               f"by axis {s['parameters_removed_by_axis']}; "
                f"calib loss {s['calibration_loss_before']:.3f} -> {s['calibration_loss_after']:.3f}; "
                f"prune {took:.0f}s")
         print(row, flush=True)
-        if s["splits_tried"]:
-            tried = "; ".join(f"{c['widths']['heads']}h/{c['widths']['kv_heads']}kv/{c['widths']['intermediate']}: "
-                              f"{c['calibration_loss']:.3f}" for c in s["splits_tried"])
-            print(f"    splits tried (calibration loss): {tried}", flush=True)
+        for c in s["plans_tried"]:
+            print(f"    {c['stage']:6s} hidden {c['hidden']:5d} layers {c['layers']:3d} {c['heads']}h/{c['kv_heads']}kv/"
+                  f"{c['intermediate']}: {c['parameters']:,} parameters, held-out loss {c['calibration_loss']:.3f}",
+                  flush=True)
         rows.append(row)
         if main_dir is None:
             main_dir = out
@@ -148,7 +165,7 @@ def main() -> None:
 
     if main_dir is not None and args.rounds > 0:
         pruned = AutoModelForCausalLM.from_pretrained(main_dir).eval()
-        ids = windows[-1:, : args.prompt]
+        ids = windows.ids[-1:, : args.prompt]
         res = speed({"original": base.model, "pruned": pruned}, ids, args.gen, args.rounds)
         n0 = sum(p.numel() for p in base.model.parameters())
         n1 = sum(p.numel() for p in pruned.parameters())

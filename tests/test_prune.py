@@ -232,12 +232,18 @@ def test_ratio_out_of_range(cli, tiny_model_dir, tmp_path, ratio):
 
 
 def test_ratio_too_high_for_one_head_per_group(cli, tiny_model_dir, tmp_path):
-    _bad(cli, tmp_path / "out", tiny_model_dir("llama"), "--ratio", "0.9", match="one query head per KV group")
+    _bad(cli, tmp_path / "out", tiny_model_dir("llama"), "--ratio", "0.9", "--axes", "heads,mlp",
+         match="one query head per KV group")
 
 
 def test_ratio_too_high_for_mlp_only(cli, tiny_model_dir, tmp_path):
-    _bad(cli, tmp_path / "out", tiny_model_dir("llama"), "--ratio", "0.6", "--split", "mlp",
+    _bad(cli, tmp_path / "out", tiny_model_dir("llama"), "--ratio", "0.6", "--split", "mlp", "--axes", "heads,mlp",
          match="from the MLP alone")
+
+
+def test_ratio_too_high_for_every_axis(cli, tiny_model_dir, tmp_path):
+    _bad(cli, tmp_path / "out", tiny_model_dir("llama"), "--ratio", "0.9", "--axes", "depth,heads,mlp",
+         match="cannot be done along --axes depth,heads,mlp")
 
 
 def test_unknown_importance(cli, tiny_model_dir, tmp_path):
@@ -299,7 +305,7 @@ def test_cli_json_and_table(cli, tiny_model_dir, tmp_path):
 def test_smollm2_prune_20_percent(tmp_path, wikitext_dir):
     out = tmp_path / "smollm2-p20"
     summary = prune(PruneOptions("smollm2-135m", str(out), ratio=0.2, nsamples=4, seq_len=128, split="mlp",
-                                 data_dir=str(wikitext_dir), device="cpu"))
+                                 axes="heads,mlp", data_dir=str(wikitext_dir), device="cpu"))
     assert 0.2 <= summary["ratio_achieved"] < 0.205
     assert summary["embedding_parameters"] == 49152 * 576
     # the loss is measured on held-out windows; with this little calibration 20% costs about 1.2 nats
@@ -315,13 +321,13 @@ def test_gemma3_prune_20_percent(tmp_path, wikitext_dir):
     262k-token embeddings. 20% of all parameters is over half of every decoder layer here."""
     out = tmp_path / "gemma3-p20"
     try:
-        summary = prune(PruneOptions("gemma3-270m", str(out), ratio=0.2, nsamples=4, seq_len=128,
+        summary = prune(PruneOptions("gemma3-270m", str(out), ratio=0.2, nsamples=4, seq_len=128, axes="heads,mlp",
                                      data_dir=str(wikitext_dir), device="cpu"))
     except UserError as e:
         pytest.skip(f"gemma3-270m unavailable: {e}")
     assert 0.2 <= summary["ratio_achieved"] < 0.205
     assert summary["embedding_parameters"] == 262144 * 640
-    assert len(summary["splits_tried"]) == 3                     # 4, 2 or 1 query heads over the one KV head
+    assert len(summary["plans_tried"]) == 3                      # 4, 2 or 1 query heads over the one KV head
     wa = summary["widths_after"]
     model = AutoModelForCausalLM.from_pretrained(out).eval()     # plain transformers
     cfg = model.config

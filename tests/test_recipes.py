@@ -463,7 +463,8 @@ def test_prune_and_distill_validate_their_data_device_and_dtype(tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    ("{ratio: 0.8}", "step 1 (prune): --ratio 0.8 is too high"),
+    ("{ratio: 0.8, axes: 'heads,mlp'}", "step 1 (prune): --ratio 0.8 is too high"),
+    ("{target_params: 1000}", "step 1 (prune): --target-params 1000 is too low"),
     ("{layers: '1:'}", "step 1 (prune): --layers 1: would leave layers [0] at full width"),
     ("{calib: nope.txt}", "step 1 (prune): --calib nope.txt is neither a file"),
 ])

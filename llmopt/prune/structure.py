@@ -35,6 +35,8 @@ class Arch:
     mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")   # rows removed together
     mlp_out: str = "mlp.down_proj"                                # columns removed with them
     head_norms: tuple[str, ...] = ()                              # per-head_dim norms, kept as they are
+    norm_offset: float = 0.0          # RMSNorm multiplies by (offset + weight): Gemma's 1 + w
+    scaled_embeddings: bool = False   # embeddings times sqrt(config.hidden_size) inside the model
 
 
 _LLAMA = Arch("LLaMA")
@@ -45,8 +47,8 @@ ARCHS: dict[str, Arch] = {
     "mistral": Arch("Mistral"),
     "qwen2": Arch("Qwen2"),
     "qwen3": Arch("Qwen3", head_norms=_QK_NORM),
-    "gemma2": Arch("Gemma2"),
-    "gemma3_text": Arch("Gemma3", head_norms=_QK_NORM),
+    "gemma2": Arch("Gemma2", norm_offset=1.0, scaled_embeddings=True),
+    "gemma3_text": Arch("Gemma3", head_norms=_QK_NORM, norm_offset=1.0, scaled_embeddings=True),
 }
 
 SUPPORTED = "Llama (incl. SmolLM), Mistral, Qwen2, Qwen3, Gemma2, Gemma3 (text)"
@@ -146,33 +148,39 @@ class Candidate:
     attention_removed: int  # the part of `removed` taken from attention
 
 
-def candidates(geo: Geometry, budget: float, multiple_of: int) -> list[Candidate]:
+def candidates(geo: Geometry, budget: float, multiple_of: int, heads: bool = True,
+               mlp: bool = True) -> list[Candidate]:
     """Every attention shape (whole KV groups and/or query heads per group removed, at least one of each
-    left) whose cost fits the budget, with the MLP width that brings the total to `budget`
-    parameters removed while keeping the MLP width a multiple of `multiple_of` (rounded down, so at
-    least the budget is removed)."""
+    left, `hidden % heads == 0` as transformers' configs require) whose cost fits the budget, with the
+    MLP width that brings the total to `budget` parameters removed while keeping the MLP width a
+    multiple of `multiple_of` (rounded down, so at least the budget is removed). `heads=False` keeps
+    every head; `mlp=False` keeps the MLP, and then the cheapest attention shape that reaches the
+    budget is the one option (as it is when no shape fits, e.g. when the hidden size rules out the
+    others)."""
     per_layer = budget / geo.layers
     full = geo.layer_params(geo.heads, geo.kv_heads, geo.intermediate)
-    out = []
+    out, over = [], []
     for kv in range(geo.kv_heads, 0, -1):
         for q in range(geo.q_per_group, 0, -1):
-            if geo.hidden % (kv * q):   # transformers' configs require hidden_size % num_attention_heads == 0
+            if geo.hidden % (kv * q) or (not heads and (kv, q) != (geo.kv_heads, geo.q_per_group)):
                 continue
             attn = full - geo.layer_params(kv * q, kv, geo.intermediate)
             left = per_layer - attn
             if left < 0 and attn > 0:
+                over.append(Candidate(Widths(kv * q, kv, geo.intermediate), geo.layers * attn, geo.layers * attn))
                 continue
-            channels = geo.intermediate - left / geo.channel_params
-            kept = int(math.floor(channels / multiple_of + 1e-9)) * multiple_of
-            if left <= 0:
-                kept = geo.intermediate
-            kept = min(kept, geo.intermediate)
-            if kept < multiple_of:
-                continue
+            kept = geo.intermediate
+            if left > 0:
+                if not mlp:
+                    continue
+                kept = min(int(math.floor((geo.intermediate - left / geo.channel_params) / multiple_of + 1e-9))
+                           * multiple_of, geo.intermediate)
+                if kept < multiple_of:
+                    continue
             widths = Widths(kv * q, kv, kept)
             removed = geo.layers * (full - geo.layer_params(widths.heads, kv, kept))
             out.append(Candidate(widths, removed, geo.layers * attn))
-    return out
+    return out or sorted(over, key=lambda c: c.removed)[:1]
 
 
 def max_removable(geo: Geometry, multiple_of: int) -> int:
