@@ -40,7 +40,8 @@ def add_vocab(writer: GGUFWriter, path: Path, n_vocab: int) -> dict:
     model = tj["model"]
     tokens, added = _tokens(tj, n_vocab)
     beyond = sorted(a["content"] for i, a in added.items() if i >= n_vocab)
-    if model["type"] == "BPE" and not model.get("byte_fallback") and (tj.get("decoder") or {}).get("type") == "ByteLevel":
+    byte_level = (tj.get("decoder") or {}).get("type") == "ByteLevel"
+    if model["type"] == "BPE" and not model.get("byte_fallback") and byte_level:
         kind, pre = "gpt2", _pre_name(tj.get("pre_tokenizer"))
         types = [_type(i, t, added, spm=False) for i, t in enumerate(tokens)]
         writer.add_tokenizer_model("gpt2")
