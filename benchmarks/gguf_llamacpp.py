@@ -12,10 +12,12 @@
     OMP_WAIT_POLICY=passive LLMOPT_DATA=/work/shared/data/wikitext-2-raw python benchmarks/gguf_llamacpp.py \\
         --model smollm2-135m --gptq out/g32 --gptq-asym out/g32a [--also gemma3-270m out/pruned] [--windows 8]
 
-Evaluation: the first --windows non-overlapping --ctx-token windows of wiki.test.raw (rows joined with
-blank lines), tokenized once with the model directory's Hugging Face tokenizer, so every file sees the
-same token ids (a BOS first when the tokenizer adds one, as llama.cpp's perplexity does); each window is
-one llama.cpp evaluation with all logits kept, and every position after the first is scored.
+Evaluation: the first --windows non-overlapping --ctx-token windows of WikiText-2 test, cut by llmopt's
+own loader (`llmopt.data.load_windows`, as `llmopt bench` cuts them: rows joined with blank lines, BOS
+first when the tokenizer adds one, as llama.cpp's perplexity does), so every file sees the same token
+ids; each window is one llama.cpp evaluation with all logits kept, and every target after the first is
+scored. Beside them, each f16 / auto export against the Hugging Face model in float32 on its first 128
+tokens: the check that names, row orders, norms and hyperparameters mean in llama.cpp what they meant.
 """
 
 from __future__ import annotations
@@ -53,17 +55,14 @@ def _reference_quantize(f16: Path, out: Path, ftype: str) -> None:
         raise SystemExit(f"llama.cpp could not quantize {f16}")
 
 
-def _windows(model_dir: Path, data_dir: Path, n: int, ctx: int) -> tuple[list[list[int]], list[int]]:
-    """Token windows (BOS first if the tokenizer adds one) and the HF ids of the first 2,000 characters."""
+def _windows(model_dir: Path, data_dir: Path, n: int, ctx: int):
+    """llmopt's own evaluation windows (as `llmopt bench` cuts them: BOS first when the tokenizer adds one)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    text = "\n\n".join((data_dir / "wiki.test.raw").read_text(encoding="utf-8").split("\n"))
-    ids = tok(text[: 400 * ctx * n], add_special_tokens=False)["input_ids"]
-    bos = [tok.bos_token_id] if tok("a")["input_ids"][:1] == [tok.bos_token_id] else []
-    width = ctx - len(bos)
-    windows = [bos + ids[i * width:(i + 1) * width] for i in range(n)]
-    return windows, tok(text[:2000], add_special_tokens=False)["input_ids"]
+    from llmopt.data import load_windows
+
+    return load_windows(AutoTokenizer.from_pretrained(model_dir), "wikitext2", "eval", ctx, max_windows=n,
+                        directory=data_dir)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -83,31 +82,50 @@ def _generate(llm) -> str:
     return out["choices"][0]["text"]
 
 
-def evaluate(files: dict[str, Path], reference: str, windows: list[list[int]], hf_ids: list[int], ctx: int,
-             threads: int, sample_text: str) -> dict[str, dict]:
-    """Perplexity, KL(reference || file) and top-1 agreement, window by window with every file loaded."""
+def evaluate(files: dict[str, Path], reference: str, windows, ctx: int, threads: int, sample: str,
+             hf_ids: list[int]) -> dict[str, dict]:
+    """Perplexity, KL(reference || file) and top-1 agreement, window by window with every file loaded.
+    Targets from `windows.first_target` on are scored (not the prediction from a BOS alone)."""
     llms = {label: _llama(path, ctx, threads) for label, path in files.items()}
     stats = {label: {"nll": 0.0, "kl": 0.0, "top1": 0, "n": 0} for label in files}
-    for w in windows:
-        ref = _logprobs(llms[reference], w)
-        targets = np.array(w[1:])
+    first = windows.first_target
+    for row in windows.ids.tolist():
+        ref = _logprobs(llms[reference], row)[first - 1:-1]
+        targets = np.array(row[first:])
         for label, llm in llms.items():
-            lp = ref if label == reference else _logprobs(llm, w)
+            lp = ref if label == reference else _logprobs(llm, row)[first - 1:-1]
             s = stats[label]
-            s["nll"] -= float(lp[np.arange(len(w) - 1), targets].sum())
-            s["kl"] += float((np.exp(ref[:-1]) * (ref[:-1] - lp[:-1])).sum())
-            s["top1"] += int((ref[:-1].argmax(-1) == lp[:-1].argmax(-1)).sum())
-            s["n"] += len(w) - 1
+            s["nll"] -= float(lp[np.arange(len(targets)), targets].sum())
+            s["kl"] += float((np.exp(ref) * (ref - lp)).sum())
+            s["top1"] += int((ref.argmax(-1) == lp.argmax(-1)).sum())
+            s["n"] += len(targets)
     results = {}
     for label, llm in llms.items():
         s = stats[label]
         results[label] = {"file": str(files[label]), "bytes": files[label].stat().st_size,
                           "ppl": math.exp(s["nll"] / s["n"]), "kl": s["kl"] / s["n"], "top1": s["top1"] / s["n"],
-                          "generated": _generate(llm),
-                          "tokenizer_matches_hf": llm.tokenize(sample_text.encode(), add_bos=False, special=False)
-                          == hf_ids, "scored_tokens": s["n"]}
+                          "generated": _generate(llm), "scored_tokens": s["n"],
+                          "tokenizer_matches_hf": llm.tokenize(sample.encode(), add_bos=False, special=False) == hf_ids}
         print(f"{label}: {json.dumps(results[label])}", file=sys.stderr, flush=True)
     return results
+
+
+def hf_agreement(model: str, gguf: Path, text: str, threads: int, n: int = 128) -> dict:
+    """KL(Hugging Face float32 || llama.cpp on the GGUF file) and top-1 agreement on the first `n` tokens of
+    `text`: the check that names, row orders, norms and hyperparameters mean in llama.cpp what they meant."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from llmopt.models import load_model, local_dir
+
+    ids = AutoTokenizer.from_pretrained(local_dir(model).path)(text)["input_ids"][:n]
+    hf_model = load_model(model, device="cpu", dtype="float32", tokenizer=False).model
+    with torch.no_grad():
+        hf = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    del hf_model
+    lp = _logprobs(_llama(gguf, max(n, 128), threads), ids)
+    kl = float((np.exp(hf) * (hf - lp)).sum(-1).mean())
+    return {"tokens": len(ids), "kl_hf_vs_gguf": kl, "top1_hf_vs_gguf": float((hf.argmax(-1) == lp.argmax(-1)).mean())}
 
 
 def _export(model: str, out: Path, type_: str) -> dict:
@@ -142,6 +160,9 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/llmopt-gguf-bench")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data = Path(os.environ.get("LLMOPT_DATA", ""))
@@ -162,19 +183,29 @@ def main() -> None:
         _reference_quantize(work / "f16.gguf", work / "llamacpp-q4_1.gguf", "q4_1")
         files["Q4_1 (llama.cpp)"] = work / "llamacpp-q4_1.gguf"
         ref_sizes["GPTQ g32 asym Q4_1 (llmopt)"] = files["Q4_1 (llama.cpp)"].stat().st_size
-    windows, hf_ids = _windows(local_dir(args.model).path, data, args.windows, args.ctx)
-    sample = "\n\n".join((data / "wiki.test.raw").read_text(encoding="utf-8").split("\n"))[:2000]
-    results = evaluate(files, "f16 (llmopt)", windows, hf_ids, args.ctx, args.threads, sample)
-    also = {}
+    from transformers import AutoTokenizer
+
+    model_dir = local_dir(args.model).path
+    windows = _windows(model_dir, data, args.windows, args.ctx)
+    sample = (data / "wiki.test.raw").read_text(encoding="utf-8")[:2000]
+    hf_ids = AutoTokenizer.from_pretrained(model_dir)(sample, add_special_tokens=False)["input_ids"]
+    results = evaluate(files, "f16 (llmopt)", windows, args.ctx, args.threads, sample, hf_ids)
+    also = {Path(args.model).name + " f16": hf_agreement(args.model, work / "f16.gguf", sample, args.threads)}
+    also[Path(args.model).name + " f16"].update(type="f16", bytes=files["f16 (llmopt)"].stat().st_size,
+                                                generated=results["f16 (llmopt)"]["generated"])
     for model in args.also:
         label = Path(model).name
         exports[label] = _export(model, work / f"{label}.gguf", "auto")
         llm = _llama(work / f"{label}.gguf", args.ctx, args.threads)
-        also[label] = {"type": exports[label]["type"], "bytes": exports[label]["file_bytes"], "generated": _generate(llm)}
+        also[label] = {"type": exports[label]["type"], "bytes": exports[label]["file_bytes"], "generated": _generate(llm),
+                       **hf_agreement(model, work / f"{label}.gguf", sample, args.threads)}
         print(f"{label}: {json.dumps(also[label])}", file=sys.stderr, flush=True)
     print(_table(results, ref_sizes))
+    print("\n| model | type | size MB | KL(HF float32 vs llama.cpp) | top-1 agreement | greedy completion |\n"
+          "| --- | --- | ---: | ---: | ---: | --- |")
     for label, r in also.items():
-        print(f"{label} ({r['type']}, {r['bytes'] / 1e6:.1f} MB): {PROMPT!r} -> {r['generated'].strip()[:60]!r}")
+        print(f"| {label} | {r['type']} | {r['bytes'] / 1e6:.1f} | {r['kl_hf_vs_gguf']:.4f} | "
+              f"{r['top1_hf_vs_gguf']:.2%} | {r['generated'].strip()[:40]!r} |")
     print(f"\n{args.windows} windows of {args.ctx} tokens, {results['f16 (llmopt)']['scored_tokens']} scored tokens; "
           f"llama.cpp tokenizes the sample like the HF tokenizer: "
           f"{all(r['tokenizer_matches_hf'] for r in results.values())}")
