@@ -32,5 +32,6 @@ def export(
         how = ", ".join(f"{n} {k}" for k, n in summary["mappings"].items())
         err_console.print(f"GPTQ layers: {how}; largest error against the checkpoint's weights: "
                           f"{summary['max_abs_error']:.3g} absolute, {summary['max_rel_error']:.3g} relative "
-                          f"({summary['worst_layer']})", highlight=False)
+                          f"{'(' + summary['worst_layer'] + ')' if summary['worst_layer'] else '(bit-exact)'}",
+                          highlight=False)
     err_console.print(f"[green]wrote[/green] {output}", highlight=False)

@@ -135,10 +135,11 @@ def _mapping_summary(layers: list[dict]) -> dict:
     counts: dict[str, int] = {}
     for layer in layers:
         counts[layer["mapping"]] = counts.get(layer["mapping"], 0) + 1
-    worst = max(layers, key=lambda r: r["rel_error"], default=None)
+    worst = max((r for r in layers if r["rel_error"] > 0), key=lambda r: r["rel_error"], default=None)
     return {"gptq_layers": len(layers), "mappings": counts,
             "max_abs_error": max((r["max_abs_error"] for r in layers), default=None),
-            "max_rel_error": worst["rel_error"] if worst else None, "worst_layer": worst["tensor"] if worst else None}
+            "max_rel_error": worst["rel_error"] if worst else (0.0 if layers else None),
+            "worst_layer": worst["tensor"] if worst else None}
 
 
 def _provenance(opts: ExportOptions, ftype: str, report: dict, started: float) -> dict:
