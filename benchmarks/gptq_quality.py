@@ -11,8 +11,10 @@ llmopt.bench.quality.perplexity on the model as `llmopt.models.load_model` loads
 an interrupted run still reports what it measured; a Markdown table and the JSON come last.
 
 Labels: an unqualified "GPTQ ..." is today's defaults (act-order with static groups, range search);
-"no-act-order" / "no-mse" name what is switched off, "RTN ... mse" what is switched on. Without
---only every variant runs.
+"no-act-order" / "no-mse" name what is switched off, "RTN ... mse" what is switched on. "g128" is
+the group size asked for; llmopt writes the largest power of two up to it that divides every input
+width (SmolLM2: 64, printed as "group"), while "partial-group" keeps 128 with a partial last group, the
+layout llmopt wrote before, which other loaders refuse. Without --only every variant runs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from llmopt.bench.quality import perplexity
 from llmopt.data import Windows, load_windows, text_windows
 from llmopt.models import load_model
-from llmopt.quantize import QuantizeOptions, quantize
+from llmopt.quantize import QuantizeOptions, pipeline, quantize
 
 # label -> (QuantizeOptions overrides, label of the RTN row its perplexity increase is compared with).
 # Every variant names act-order (desc_act), the range search (mse) and the output head (lm_head: kept
@@ -45,6 +47,11 @@ VARIANTS: dict[str, tuple[dict, str | None]] = {
     "GPTQ w4 g128 no-act-order": ({**GPTQ, **W4, "desc_act": False, "mse": True}, "RTN w4 g128"),
     "GPTQ w4 g128 no-mse": ({**GPTQ, **W4, "desc_act": True, "mse": False}, "RTN w4 g128"),
     "GPTQ w4 g128": ({**GPTQ, **W4, "desc_act": True, "mse": True}, "RTN w4 g128"),
+    # the layout llmopt wrote before fitting the group size to the input widths: a partial last group
+    # where 128 does not divide (SmolLM2's 576), which transformers and GPTQModel refuse to load
+    "RTN w4 g128 partial-group": ({**RTN, **W4, "mse": False, "partial": True}, "RTN w4 g128 partial-group"),
+    "GPTQ w4 g128 partial-group": ({**GPTQ, **W4, "desc_act": True, "mse": True, "partial": True},
+                                   "RTN w4 g128 partial-group"),
     "RTN w3 g128": ({**RTN, **W3, "mse": False}, "RTN w3 g128"),
     "GPTQ w3 g128": ({**GPTQ, **W3, "desc_act": True, "mse": True}, "RTN w3 g128"),
     "RTN w4 per-channel": ({**RTN, **PC, "mse": False}, "RTN w4 per-channel"),
@@ -67,24 +74,33 @@ def two_forward_passes(model, windows: torch.Tensor) -> float:
 def run_variant(label: str, args, work: Path, evals: Windows, results: dict) -> None:
     """Quantize one variant, load it back through llmopt's runtime, score it; print one line."""
     overrides, _ = VARIANTS[label]
+    partial = overrides.get("partial", False)
     out = work / label.replace(" ", "_")
     opts = QuantizeOptions(model=args.model, output=str(out), calib="wikitext2", nsamples=args.nsamples,
-                           seq_len=args.seq_len, seed=0, device="cpu", force=True, **overrides)
+                           seq_len=args.seq_len, seed=0, device="cpu", force=True,
+                           **{k: v for k, v in overrides.items() if k != "partial"})
+    fit = pipeline.fit_group_size
+    if partial:                        # keep the requested group size whatever the widths
+        pipeline.fit_group_size = lambda requested, widths: (requested, None)
     t = time.perf_counter()
-    summary = quantize(opts)
+    try:
+        summary = quantize(opts)
+    finally:
+        pipeline.fit_group_size = fit
     qtime = time.perf_counter() - t
     loaded = load_model(str(out), device="cpu")
     t = time.perf_counter()
     ppl = perplexity(loaded.model, evals)
     ppl0 = results["baseline"]
-    line = (f"{label}: ppl {ppl:.3f} (+{ppl - ppl0:.3f}), quantize {qtime:.1f}s "
+    line = (f"{label}: group {summary['group_size']}, ppl {ppl:.3f} (+{ppl - ppl0:.3f}), quantize {qtime:.1f}s "
             f"(layers {summary['quantize_s']:.1f}s), mean layer error {summary['mean_error']:.5f}, "
             f"quantized bytes {summary['quantized_bytes_vs_bf16']:.3f}x bf16, eval {time.perf_counter() - t:.0f}s")
     if overrides["method"] == "gptq" and "floor_s" in results:
         line += f"; layer-by-layer time / floor = {summary['quantize_s'] / results['floor_s']:.2f}"
     print(line, flush=True)
     results[label] = {"ppl": ppl, "quantize_s": qtime, "layers_s": summary["quantize_s"],
-                      "mean_error": summary["mean_error"], "bytes_vs_bf16": summary["quantized_bytes_vs_bf16"]}
+                      "mean_error": summary["mean_error"], "bytes_vs_bf16": summary["quantized_bytes_vs_bf16"],
+                      "group_size": summary["group_size"], "disk_bytes": summary["disk_bytes"]}
     del loaded
     if not args.out:
         shutil.rmtree(out, ignore_errors=True)
