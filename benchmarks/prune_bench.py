@@ -31,7 +31,18 @@ from llmopt.bench.quality import window_nll
 from llmopt.bench.speed import next_step
 from llmopt.data import load_windows
 from llmopt.models import load_model
+from llmopt.progress import Progress
 from llmopt.prune import PruneOptions, hidden, prune
+
+
+class Stages(Progress):
+    """Prints each stage as it starts, with the time since the variant began."""
+
+    def __init__(self) -> None:
+        self.t0 = time.time()
+
+    def start(self, description: str, total: int | None = None) -> None:
+        print(f"    [{time.time() - self.t0:5.0f}s] {description}", flush=True)
 
 VARIANTS = {
     # name: (PruneOptions overrides, full evaluation?)
@@ -135,7 +146,7 @@ def main() -> None:
         if "no norm compensation" in name:
             hidden.HiddenStats.compensation = lambda self, norm, keep, h: 1.0
         try:
-            s = prune(opts)
+            s = prune(opts, Stages())
         finally:
             hidden.HiddenStats.compensation = plain
         took = time.time() - t

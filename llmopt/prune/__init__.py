@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -249,14 +249,16 @@ def measure(model: torch.nn.Module, arch: Arch, geo: Geometry, opts: PruneOption
 
 def build(model: torch.nn.Module, arch: Arch, geo: Geometry, shape: Shape, m: Measured,
           progress: Progress = SILENT) -> list[int]:
-    """Cut the model to `shape` in place: widths (with the refit), then hidden channels, then layers.
-    Returns the indices of the layers removed."""
-    keeps = slicing.choose(m.width, geo, shape.widths)
-    slicing.apply(model, arch, geo, shape.widths, keeps, m.grams, progress)
+    """Cut the model to `shape` in place: hidden channels, then layers, then the widths of the layers
+    kept (refitting only those). Returns the indices of the layers removed."""
     if shape.hidden != geo.hidden:
         hid.apply(model, arch, hid.keep_channels(m.hidden.scores(), shape.hidden), m.hidden)
     drop = sorted(dep.drop_order(m.skip)[:geo.layers - shape.layers]) if shape.layers != geo.layers else []
     dep.remove_layers(model, drop)
+    kept = [i for i in range(geo.layers) if i not in drop]
+    at = replace(geo, layers=len(kept))
+    keeps = slicing.choose([m.width[i] for i in kept], at, shape.widths)
+    slicing.apply(model, arch, at, shape.widths, keeps, m.grams.subset(kept) if m.grams else None, progress)
     return drop
 
 

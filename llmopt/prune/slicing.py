@@ -69,6 +69,12 @@ class Grams:
         self.mlp: list[torch.Tensor | None] = []
         self.tokens = 0
 
+    def subset(self, layers: list[int]) -> "Grams":
+        """The statistics of these layers only (those a depth-pruned model keeps), in order."""
+        out = Grams()
+        out.attn, out.mlp, out.tokens = [self.attn[i] for i in layers], [self.mlp[i] for i in layers], self.tokens
+        return out
+
     @contextmanager
     def capture(self, model: torch.nn.Module, arch: Arch) -> Iterator["Grams"]:
         layers = decoder_layers(model)
