@@ -165,9 +165,9 @@ def main() -> None:
                f"prune {took:.0f}s")
         print(row, flush=True)
         for c in s["plans_tried"]:
-            print(f"    {c['stage']:6s} hidden {c['hidden']:5d} layers {c['layers']:3d} {c['heads']}h/{c['kv_heads']}kv/"
-                  f"{c['intermediate']}: {c['parameters']:,} parameters, held-out loss {c['calibration_loss']:.3f}",
-                  flush=True)
+            print(f"    {c['stage']:6s} hidden {c['hidden']:5d} layers {c['layers']:3d} "
+                  f"{c['heads']}h/{c['kv_heads']}kv/{c['intermediate']}: {c['parameters']:,} parameters, "
+                  f"held-out loss {c['calibration_loss']:.3f}", flush=True)
         rows.append(row)
         if main_dir is None:
             main_dir = out

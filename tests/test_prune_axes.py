@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny
+from llmopt.info import count_parameters
 from llmopt.prune import Measured, PruneOptions, build, measure, plan, prune
 from llmopt.prune import depth as dep
-from llmopt.prune import slicing
 from llmopt.prune import hidden as hid
+from llmopt.prune import slicing
 from llmopt.prune.plan import Shape, full_shape, parse_axes, parse_count
-from llmopt.prune.structure import Widths, arch_for, decoder_layers, geometry, text_config
+from llmopt.prune.structure import Widths, arch_for, decoder_layers, geometry
 from llmopt.recipes import build_options
 
 FAST = dict(nsamples=2, seq_len=32, calib="builtin", device="cpu")
@@ -213,7 +214,6 @@ def test_counter_matches_models_built_at_each_shape(arch, overrides, tiny_tokeni
             cfg.layer_types = cfg.layer_types[:shape.layers]
         with torch.device("meta"):
             built = AutoModelForCausalLM.from_config(cfg)
-        from llmopt.info import count_parameters
         assert p.counter.count(shape) == count_parameters(built), shape
 
 
