@@ -204,7 +204,7 @@ def main() -> None:
     print("\n| model | type | size MB | KL(HF float32 vs llama.cpp) | top-1 agreement | greedy completion |\n"
           "| --- | --- | ---: | ---: | ---: | --- |")
     for label, r in also.items():
-        print(f"| {label} | {r['type']} | {r['bytes'] / 1e6:.1f} | {r['kl_hf_vs_gguf']:.4f} | "
+        print(f"| {label} | {r['type']} | {r['bytes'] / 1e6:.1f} | {r['kl_hf_vs_gguf']:.1e} | "
               f"{r['top1_hf_vs_gguf']:.2%} | {r['generated'].strip()[:40]!r} |")
     print(f"\n{args.windows} windows of {args.ctx} tokens, {results['f16 (llmopt)']['scored_tokens']} scored tokens; "
           f"llama.cpp tokenizes the sample like the HF tokenizer: "
