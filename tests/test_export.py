@@ -236,3 +236,18 @@ def test_existing_export_needs_force_and_force_replaces_it(tiny_model_dir, tmp_p
     assert code == 0 and json.loads(stdout)["type"] == "q8_0"
     assert _tensors(GGUFReader(out))["blk.0.attn_q.weight"].tensor_type == T.Q8_0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_llama3_rope_writes_its_frequency_factors(tiny_model_dir, tmp_path):
+    """Llama 3's rope scaling lives in llama.cpp's rope_freqs tensor: 1 for high frequencies (wavelength
+    under old_context / high_freq_factor), `factor` for low ones, smooth between."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    src = tiny_model_dir("llama", rope_parameters=rope)
+    _export(src, tmp_path / "r.gguf", "f16")
+    factors = _weights(GGUFReader(tmp_path / "r.gguf"), "rope_freqs.weight").ravel()
+    wavelen = 2 * np.pi * 10000.0 ** (np.arange(0, 16, 2) / 16)
+    assert len(factors) == 8
+    assert np.allclose(factors[wavelen < 16], 1.0) and np.allclose(factors[wavelen > 64], 8.0)
+    middle = factors[(wavelen >= 16) & (wavelen <= 64)]
+    assert ((middle > 1.0) & (middle < 8.0)).all()
