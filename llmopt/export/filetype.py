@@ -36,7 +36,7 @@ def file_type(asked: str, ckpt: Checkpoint) -> str:
 
 
 def tensor_type(name: str, shape: tuple[int, ...], ftype: str, tied: bool) -> tuple[T, str | None]:
-    """The GGML type of one tensor (shape in PyTorch order, rows first) and a note when it departs from llama.cpp.
+    """The GGML type of one tensor (shape in PyTorch order, rows first) and why, when it is not the file's type.
 
     As llama.cpp's quantizer does: 1-D tensors and norms stay F32; the output head (the token embedding
     when tied) is Q8_0 below 8 bits where its width is not a multiple of 256, else Q6_K, which llmopt
@@ -50,7 +50,7 @@ def tensor_type(name: str, shape: tuple[int, ...], ftype: str, tied: bool) -> tu
     if ftype in ("q4_0", "q4_1") and (name == "output.weight" or (tied and name == "token_embd.weight")):
         target = T.Q8_0
         if cols % QK_K == 0:
-            note = f"{name}: Q8_0 where llama.cpp's quantizer writes Q6_K (llmopt does not write k-quants)"
+            note = "Q8_0 where llama.cpp's quantizer writes Q6_K (llmopt does not write k-quants)"
     if cols % QK:
-        return T.F16, f"{name}: rows of {cols} are not a multiple of {QK}, so F16 (as llama.cpp does)"
+        return T.F16, f"rows of {cols} are not a multiple of {QK}, so F16 (as llama.cpp does)"
     return target, note

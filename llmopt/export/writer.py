@@ -60,7 +60,7 @@ def export(opts: ExportOptions, progress: Progress = SILENT) -> dict:
     plan = [(n, kind, names.gguf_name(n if kind == "tensor" else f"{n}.weight")) for n, kind in ckpt.modules()]
     plan = [p for p in plan if p[2] is not None]
     tied = "output.weight" not in {g for _, _, g in plan}
-    report: dict = {"types": {}, "layers": [], "notes": []}
+    report: dict = {"types": {}, "layers": [], "notes": [], "reasons": {}}
     with atomic_file(opts.output, opts.force, is_llmopt_gguf) as tmp:
         writer = GGUFWriter(tmp, arch.name)
         n_vocab = int(ckpt.tensor(_embedding(plan)).shape[0])
@@ -74,6 +74,7 @@ def export(opts: ExportOptions, progress: Progress = SILENT) -> dict:
         if (factors := rope_freqs(ckpt.config)) is not None:
             writer.add_tensor("rope_freqs.weight", factors)
         progress.finish()
+        report["notes"] += [_note(why, tensors) for why, tensors in report.pop("reasons").items()]
         for note in report["notes"]:
             progress.note(note)
         writer.add_string(PROVENANCE_KEY, json.dumps(_provenance(opts, ftype, report, started)))
@@ -82,6 +83,11 @@ def export(opts: ExportOptions, progress: Progress = SILENT) -> dict:
         writer.write_tensors_to_file()
         writer.close()
     return _summary(opts, ftype, report, started)
+
+
+def _note(why: str, tensors: list[str]) -> str:
+    shown = ", ".join(tensors[:2]) + (", ..." if len(tensors) > 2 else "")
+    return f"{len(tensors)} tensor{'s' if len(tensors) > 1 else ''} ({shown}): {why}"
 
 
 def _embedding(plan: list[tuple[str, str, str]]) -> str:
@@ -118,7 +124,7 @@ def _tensor(ckpt: Checkpoint, names: TensorNames, name: str, kind: str, gguf_nam
         qtype, note = tensor_type(gguf_name, tuple(weight.shape), ftype, tied)
         mapped = convert((weight + names.shift(gguf_name)).numpy(), qtype)
     if note:
-        report["notes"].append(note)
+        report["reasons"].setdefault(note, []).append(gguf_name)
     order = names.row_order(gguf_name)
     if order is not None:
         mapped.data = np.ascontiguousarray(mapped.data[order.numpy()])
