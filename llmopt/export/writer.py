@@ -60,10 +60,11 @@ def export(opts: ExportOptions, progress: Progress = SILENT) -> dict:
     plan = [(n, kind, names.gguf_name(n if kind == "tensor" else f"{n}.weight")) for n, kind in ckpt.modules()]
     plan = [p for p in plan if p[2] is not None]
     tied = "output.weight" not in {g for _, _, g in plan}
+    embedding = _embedding(plan)
     report: dict = {"types": {}, "layers": [], "notes": [], "reasons": {}}
     with atomic_file(opts.output, opts.force, is_llmopt_gguf) as tmp:
         writer = GGUFWriter(tmp, arch.name)
-        n_vocab = int(ckpt.tensor(_embedding(plan)).shape[0])
+        n_vocab = int(ckpt.tensor(embedding).shape[0])
         _metadata(writer, opts, ckpt, ftype, n_vocab, report)
         progress.start(f"Writing {Path(opts.output).name} ({ftype})", total=len(plan))
         for name, kind, gguf_name in plan:
@@ -91,7 +92,10 @@ def _note(why: str, tensors: list[str]) -> str:
 
 
 def _embedding(plan: list[tuple[str, str, str]]) -> str:
-    return next(n for n, _, g in plan if g == "token_embd.weight")
+    name = next((n for n, _, g in plan if g == "token_embd.weight"), None)
+    if name is None:
+        raise UserError("the checkpoint has no token embedding", hint="export a complete causal LM checkpoint")
+    return name
 
 
 def _metadata(writer: GGUFWriter, opts: ExportOptions, ckpt: Checkpoint, ftype: str, n_vocab: int,
