@@ -17,13 +17,13 @@ import torch
 
 from llmopt.bench.quality import WindowStats, compare_models
 from llmopt.bench.report import check_replaceable, write_csv, write_plot
-from llmopt.bench.speed import bytes_read_per_token, measure_speed, peak_memory, spread
+from llmopt.bench.speed import bytes_read_per_token, measure_speed, memory_bandwidth, peak_memory, spread
 from llmopt.checkpoint import dir_size, versions
 from llmopt.data import Corpus, bos_id, check_source, cut_eval, load_text, random_windows, resolve_auto, \
     tokenize_corpus
 from llmopt.errors import MissingExtra, UserError, require
 from llmopt.info import model_info, original_dtype, size_ratios, stored_dtype
-from llmopt.models import LoadedModel, check_head, load_model, parse_device, parse_dtype, resolve
+from llmopt.models import LoadedModel, check_head, load_model, model_device, parse_device, parse_dtype, resolve
 from llmopt.progress import SILENT, Progress
 
 SCHEMA_VERSION = 1
@@ -230,8 +230,11 @@ def _speed(opts: BenchOptions, entries: list[_Entry], corpora: list[Corpus], pro
                 done[id(e.loaded)] = peak_memory(e.name, opts.device, opts.dtype, prompt, opts.gen_len, opts.head)
                 progress.finish()
             memory.append(done[id(e.loaded)])
+    bandwidth = memory_bandwidth(model_device(entries[0].loaded.model))
     speed = measure_speed([e.loaded.model for e in entries], prompts, opts.gen_len, opts.repeats, opts.warmup,
                           batch_prompts, progress, names=[e.name for e in entries])
+    for s in speed:
+        s.memory_bandwidth_gb_s = bandwidth
     return speed, memory
 
 

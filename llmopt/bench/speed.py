@@ -141,8 +141,7 @@ def measure_speed(models: list, prompts: list[torch.Tensor], gen_len: int, repea
     running every model once, the order alternating (A, B, B, A, A, B, ...) so that neither model always
     runs first or after the other. `prompts[i]` is model i's [1, prompt_len] prompt."""
     names = names or [f"model {i}" for i in range(len(models))]
-    bandwidth = memory_bandwidth(model_device(models[0]))
-    results = [SpeedResult(memory_bandwidth_gb_s=bandwidth) for _ in models]
+    results = [SpeedResult() for _ in models]
     total = (warmup + repeats) * len(models)
     progress.start(f"speed: {warmup} warm-up + {repeats} interleaved round(s) x {len(models)} model(s)", total)
     gc.collect()
