@@ -31,6 +31,7 @@ import torch
 
 from llmopt.bench.quality import perplexity
 from llmopt.data import Windows, load_windows, text_windows
+from llmopt.errors import UserError
 from llmopt.models import load_model
 from llmopt.quantize import QuantizeOptions, pipeline, quantize
 
@@ -85,6 +86,9 @@ def run_variant(label: str, args, work: Path, evals: Windows, results: dict) -> 
     t = time.perf_counter()
     try:
         summary = quantize(opts)
+    except UserError as e:             # e.g. 4-bit per channel on widths other loaders refuse
+        print(f"{label}: refused: {e}", flush=True)
+        return
     finally:
         pipeline.fit_group_size = fit
     qtime = time.perf_counter() - t

@@ -9,7 +9,9 @@ they check, written from their behaviour and code rather than from llmopt's pack
 - every quantized Linear's input width is a multiple of its group size: transformers' default GPTQ
   path, GPTQModel's default CPU kernel (`_weight_int4pack_mm_cpu`) and vLLM's GPTQ layer refuse a
   partial last group (SmolLM2's 576 with group 128 was the case);
-- the group size is one GPTQModel's kernels list (-1, 16, 32, 64, 128);
+- the group size is one GPTQModel's kernels list (-1, 16, 32, 64, 128); a 4-bit per-channel layer
+  runs on GPTQModel's default CPU kernel as one group of its input width, which must then be 32, 64,
+  128 or 256;
 - qweight / qzeros / scales / g_idx have the shapes and dtypes the loaders allocate before copying;
 - codes are packed LSB first along the input dimension (qweight) and the output dimension (qzeros),
   classic `gptq` zeros stored minus one: unpacked that way they give back the source weights;
@@ -93,6 +95,7 @@ def _check_linear(name: str, lin: torch.nn.Linear, grid: tuple[int, int], fmt: s
     k, n = lin.in_features, lin.out_features
     assert group in KERNEL_GROUP_SIZES, f"{name}: group size {group}"
     assert group == -1 or k % group == 0, f"{name}: input width {k} is not a multiple of group size {group}"
+    assert not (bits == 4 and group == -1) or k in (32, 64, 128, 256), f"{name}: 4-bit per channel, width {k}"
     groups = 1 if group == -1 else k // group
     t = {p: tensors[f"{name}.{p}"] for p in ("qweight", "qzeros", "scales", "g_idx")}
     assert (t["qweight"].dtype, tuple(t["qweight"].shape)) == (torch.int32, (k * bits // 32, n)), name
@@ -119,6 +122,7 @@ CASES = {
     "qwen2 rtn 8-bit": ("qwen2", {}, dict(method="rtn", bits=8)),
     "qwen2 hidden 96 rtn": ("qwen2", dict(hidden_size=96, intermediate_size=256), dict(method="rtn")),
     "llama int8": ("llama", {}, dict(method="int8")),
+    "qwen2 rtn 4-bit per channel": ("qwen2", {}, dict(method="rtn", group_size=-1)),     # widths 64 / 128
     "llama rtn skip down_proj": ("llama", {}, dict(method="rtn", skip=["down_proj"])),
     "llama gptq 8-bit lm_head": ("llama", {}, dict(bits=8, lm_head=True)),
 }
@@ -131,7 +135,7 @@ def test_written_checkpoints_follow_the_loaders_rules(case, tiny_model_dir, tmp_
     out = tmp_path / "q"
     quantize(_opts(src, out, **kw))
     qcfg = check_loader_rules(src, out)
-    if kw.get("method") != "int8":
+    if kw.get("method") != "int8" and kw.get("group_size") != -1:
         # widths 64/160 (llama), 64/128 (qwen2), 96/256: the largest power of two up to 128 dividing all;
         # skipping down_proj (160) leaves llama's 64
         expected = {"llama": 64 if "skip" in kw else 32, "qwen2": 32 if shape else 64}[arch]
@@ -169,3 +173,12 @@ def test_damp_transformers_refuses_is_refused_before_writing(damp, tiny_model_di
     out = tmp_path / "q"
     code, _, err = cli("quantize", tiny_model_dir("llama"), "-o", out, "--damp", damp)
     assert code == 2 and "--damp must be between 0 and 1" in err and not out.exists()
+
+
+def test_4bit_per_channel_on_widths_the_int4_cpu_kernel_refuses_exits_2(tiny_model_dir, tmp_path, cli):
+    """llama's down_proj is 160 wide: GPTQModel's default CPU kernel would run it as one group of 160."""
+    out = tmp_path / "q"
+    code, _, err = cli("quantize", tiny_model_dir("llama"), "-o", out, "--method", "rtn", "--group-size", "-1")
+    text = " ".join(err.split())
+    assert code == 2 and "4-bit per channel" in text and "input width 160" in text, err
+    assert not out.exists() and not list(tmp_path.glob(".q*"))

@@ -259,6 +259,21 @@ def fit_group_size(requested: int, widths: dict[str, int]) -> tuple[int, str | N
     return group, min(widths, key=lambda n: widths[n] & -widths[n])     # the fewest factors of two
 
 
+INT4_CPU_GROUPS = (32, 64, 128, 256)      # torch's _weight_int4pack_mm_cpu: GPTQModel's default 4-bit CPU kernel
+
+
+def _refuse_int4_per_channel(spec: QuantSpec, widths: dict[str, int]) -> None:
+    """GPTQModel's default CPU kernel, which transformers loads through too, runs a 4-bit per-channel
+    layer as one group of its input width and refuses widths other than INT4_CPU_GROUPS (measured with
+    GPTQModel 7.7.0: benchmarks/interop_gptqmodel.py)."""
+    if spec.bits != 4 or spec.group_size != -1:
+        return
+    odd = next((n for n, w in widths.items() if w not in INT4_CPU_GROUPS), None)
+    require(odd is None, f"4-bit per channel (--group-size -1): {odd} has input width {widths.get(odd)}, and "
+            f"GPTQModel's default CPU kernel (transformers' too) takes only 32, 64, 128 or 256 there",
+            "use --group-size 128 (fitted to the widths), or --bits 8")
+
+
 def _fit_spec(spec: QuantSpec, model: torch.nn.Module, skip: list[str], head: str | None,
               progress: Progress) -> QuantSpec:
     """`spec` with the group size that divides the input width of every Linear quantized on the
@@ -269,6 +284,7 @@ def _fit_spec(spec: QuantSpec, model: torch.nn.Module, skip: list[str], head: st
     if head is not None and head_spec(spec) == spec:
         names.append(head)
     widths = {n: model.get_submodule(n).in_features for n in names}
+    _refuse_int4_per_channel(spec, widths)
     group, culprit = fit_group_size(spec.group_size, widths)
     if culprit is None:
         return spec
