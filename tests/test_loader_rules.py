@@ -182,3 +182,16 @@ def test_4bit_per_channel_on_widths_the_int4_cpu_kernel_refuses_exits_2(tiny_mod
     text = " ".join(err.split())
     assert code == 2 and "4-bit per channel" in text and "input width 160" in text, err
     assert not out.exists() and not list(tmp_path.glob(".q*"))
+
+
+@pytest.mark.parametrize("flags", [["--skip", "down_proj"], ["--lm-head"]])
+def test_what_transformers_cannot_read_is_said(flags, tiny_model_dir, tmp_path, cli):
+    """transformers ignores `dynamic` and a quantized head (benchmarks/interop_gptqmodel.py): one note."""
+    code, _, err = cli("quantize", tiny_model_dir("llama"), "-o", tmp_path / "q", "--method", "rtn", *flags)
+    text = " ".join(err.split())
+    assert code == 0 and text.count("not in transformers' from_pretrained") == 1, err
+
+
+def test_a_plain_checkpoint_has_no_loader_note(tiny_model_dir, tmp_path, cli):
+    code, _, err = cli("quantize", tiny_model_dir("llama"), "-o", tmp_path / "q", "--method", "rtn")
+    assert code == 0 and "from_pretrained" not in err, err

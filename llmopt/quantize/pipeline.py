@@ -259,6 +259,18 @@ def fit_group_size(requested: int, widths: dict[str, int]) -> tuple[int, str | N
     return group, min(widths, key=lambda n: widths[n] & -widths[n])     # the fewest factors of two
 
 
+def _loader_note(kept: list[str], head: str | None, progress: Progress) -> None:
+    """What transformers' from_pretrained cannot read (measured with transformers 5.24 and GPTQModel
+    7.7.0: benchmarks/interop_gptqmodel.py): it ignores `dynamic`, so it expects kept decoder Linears
+    quantized, and it does not read a quantized output head; GPTQModel and llmopt read both."""
+    what = [f"{len(kept)} decoder Linear layers kept in full precision" if kept else "",
+            "the quantized output head" if head else ""]
+    what = " and ".join(w for w in what if w)
+    if what:
+        progress.note(f"{what}: this checkpoint loads in llmopt and GPTQModel, not in transformers' "
+                      f"from_pretrained (it ignores quantization_config.dynamic and a quantized head)")
+
+
 INT4_CPU_GROUPS = (32, 64, 128, 256)      # torch's _weight_int4pack_mm_cpu: GPTQModel's default 4-bit CPU kernel
 
 
@@ -365,6 +377,7 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     quantized_names = {q.name for q in done}
     kept = [f"{prefix}.{n}" for n in _linear_names(layers) if f"{prefix}.{n}" not in quantized_names]
     qconfig = quantization_config(opts, spec, fmt, kept, head=head, tied=tied)
+    _loader_note(kept, head, progress)
     tensors = _state_dict(model, packed, out_dtype)
 
     rows = _layer_rows(done)
