@@ -7,7 +7,7 @@
 window is BOS + seq_len - 1 text tokens. `no-bos` drops that first column, so the very same text
 tokens calibrate without it (the windows are one token shorter). Both checkpoints are then loaded
 through llmopt's runtime (`--head full`, the checkpoint as written) and scored on the first
-`--windows` 2048-token windows of wiki.test.raw with BOS first (bench's convention, docs/bench.md).
+`--windows` windows of `--eval-seq-len` tokens (default 2048) of wiki.test.raw with BOS first (bench's convention, docs/bench.md).
 """
 
 from __future__ import annotations
@@ -40,15 +40,16 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--eval-seq-len", type=int, default=2048, help="tokens per evaluation window")
     args = ap.parse_args()
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; python {' '.join(sys.argv)}", flush=True)
     base = load_model(args.model, device="cpu")
-    evals = load_windows(base.tokenizer, "wikitext2", "eval", 2048, max_windows=args.windows)
+    evals = load_windows(base.tokenizer, "wikitext2", "eval", args.eval_seq_len, max_windows=args.windows)
     if not evals.bos:
         raise SystemExit(f"{args.model}'s tokenizer adds no BOS: nothing to compare")
-    print(f"original: ppl {perplexity(base.model, evals):.3f} ({len(evals.ids)} x 2048, {evals.description})",
-          flush=True)
+    print(f"original: ppl {perplexity(base.model, evals):.3f} ({len(evals.ids)} x {args.eval_seq_len}, "
+          f"{evals.description})", flush=True)
     del base
     work = Path(tempfile.mkdtemp(prefix="bos-calib-"))
     for label, calibration in (("bos", _with_bos), ("no-bos", _without_bos)):

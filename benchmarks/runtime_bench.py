@@ -47,7 +47,7 @@ def bench_pair(model: str, quantized: Path, dtype: str, args, quality: bool) -> 
     """One interleaved run: the original, the quantized model as llmopt serves it, and (a second entry,
     other --head) the quantized model with its head as stored."""
     opts = BenchOptions(models=[str(quantized)], baseline=model, dtype=dtype, device="cpu", head="auto",
-                        seq_len=2048, ppl_windows=args.ppl_windows, prompt_len=args.prompt_len,
+                        seq_len=args.seq_len, ppl_windows=args.ppl_windows, prompt_len=args.prompt_len,
                         gen_len=args.gen_len, repeats=args.repeats, skip_quality=not quality, memory=False)
     report = bench(opts)
     if dtype != "float32":
@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows (command default 128)")
     ap.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window")
     ap.add_argument("--ppl-windows", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048, help="tokens per perplexity window")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
