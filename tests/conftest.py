@@ -104,3 +104,19 @@ def smollm2():
         return load_model("smollm2-135m", device="cpu")
     except UserError as e:
         pytest.skip(f"smollm2-135m unavailable: {e}")
+
+
+FACTS = ("The capital of France is Paris. The capital of Italy is Rome. The capital of Germany is Berlin. "
+         "The largest ocean on Earth is the Pacific Ocean.")
+
+
+def assert_close_to_original(quantized, original) -> None:
+    """4-bit round-to-nearest of SmolLM2 keeps 68-71% of the original's greedy choices on these facts
+    (measured, group 64, with and without the 8-bit head); a broken layout keeps next to none. At "Italy is" the original's " Rome" stays in the
+    top 3 (RTN at group 64 ranks it second)."""
+    ids = quantized.tokenizer(FACTS, return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = quantized.model(ids).logits[0], original.model(ids).logits[0]
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.5
+    at = len(quantized.tokenizer("The capital of France is Paris. The capital of Italy is").input_ids) - 1
+    assert b[at].argmax() in a[at].topk(3).indices

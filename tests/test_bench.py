@@ -547,5 +547,8 @@ def test_smollm2_against_itself(cli):
     assert code == 0, err
     row = json.loads(out)["models"][1]
     assert row["metrics"]["kl_vs_baseline"] == 0.0 and row["metrics"]["top1_agreement_pct"] == 100.0
+    # timing: a model against itself is a ratio per round, whatever the machine's load (no speed bound here:
+    # speed belongs in benchmarks/, a loaded machine made the same model 2.4x "faster" in one round)
     for name in ("decode_tok_s", "ttft_s"):
-        assert 0.5 < row["deltas"][name]["x"] < 2.0, row["deltas"][name]
+        d = row["deltas"][name]
+        assert len(d["rounds_x"]) == 3 and d["min_x"] <= d["x"] <= d["max_x"] and d["x"] > 0, d

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_close_to_original
 from safetensors.torch import load_file
 
 from llmopt.errors import UserError
@@ -246,10 +247,7 @@ def test_smollm2_with_its_head_quantized_holds_at_most_035x_of_bfloat16(smollm2,
     q = load_model(str(out), device="cpu")
     assert isinstance(q.model.get_input_embeddings(), QuantEmbedding)
     assert weight_bytes(q.model) <= 0.35 * 2 * count_parameters(smollm2.model)
-    ids = q.tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
-    with torch.no_grad():
-        a, b = q.model(ids).logits[0, -1], smollm2.model(ids).logits[0, -1]
-    assert a.argmax() == b.argmax()
+    assert_close_to_original(q, smollm2)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
