@@ -120,3 +120,13 @@ def assert_close_to_original(quantized, original) -> None:
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.5
     at = len(quantized.tokenizer("The capital of France is Paris. The capital of Italy is").input_ids) - 1
     assert b[at].argmax() in a[at].topk(3).indices
+
+
+def prune_refused(cli, out: Path, *args: str, match: str) -> None:
+    """`llmopt prune ARGS -o OUT` exits 2 saying `match`, and leaves neither OUT nor a temporary sibling."""
+    code, _, err = cli("prune", *args, "-o", out, "--calib", "builtin", "--nsamples", "2", "--seq-len", "32",
+                       "--device", "cpu")
+    assert code == 2, (code, err)
+    assert match.lower() in " ".join(err.lower().split()), err
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}*"))
