@@ -1,6 +1,6 @@
 """Quality and speed of `llmopt prune` on a real model, every number printed here goes into docs/prune.md.
 
-    OMP_WAIT_POLICY=passive LLMOPT_DATA=/work/shared/data/wikitext-2-raw \
+    OMP_WAIT_POLICY=passive LLMOPT_DATA=/path/to/wikitext-2-raw \
         python benchmarks/prune_bench.py --model smollm2-135m --ratio 0.2
 
 Each variant is produced by the public `prune()` (calibrated on wiki.valid.raw), written to disk and

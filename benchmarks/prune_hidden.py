@@ -1,6 +1,6 @@
 """Hidden-size pruning alone: what the channel importance and the RMSNorm compensation are worth.
 
-    OMP_WAIT_POLICY=passive LLMOPT_DATA=/work/shared/data/wikitext-2-raw \
+    OMP_WAIT_POLICY=passive LLMOPT_DATA=/path/to/wikitext-2-raw \
         python benchmarks/prune_hidden.py --model smollm2-135m --hidden 552,504
 
 Scores the residual channels on --nsamples calibration windows of wiki.valid.raw (as `llmopt prune`
