@@ -7,7 +7,7 @@ through `llmopt bench` in ONE process: perplexity on the first WINDOWS x SEQ_LEN
 tokens of wiki.test.raw, KL and top-1 agreement vs the baseline, and decode / prefill speed in
 interleaved rounds (ratios taken round by round, so shared-machine noise hits every model alike).
 
-    export OMP_WAIT_POLICY=passive LLMOPT_DATA=/work/shared/data/wikitext-2-raw
+    export OMP_WAIT_POLICY=passive LLMOPT_DATA=/path/to/wikitext-2-raw
     python benchmarks/bnb_smollm2.py                       # the numbers in docs/bitsandbytes.md
     python benchmarks/bnb_smollm2.py --methods llm-int8,nf4,gptq --nsamples 32 --calib-seq-len 512   # GPTQ alongside
     python benchmarks/bnb_smollm2.py --extra out/smollm2-gptq4   # add any other output to the same table

@@ -9,7 +9,7 @@
     pip install 'llmopt[llamacpp]'
     llmopt quantize smollm2-135m -o out/g32 --group-size 32 --nsamples 64 --seq-len 512 --calib wikitext2
     llmopt quantize smollm2-135m -o out/g32a --group-size 32 --asym --nsamples 64 --seq-len 512 --calib wikitext2
-    OMP_WAIT_POLICY=passive LLMOPT_DATA=/work/shared/data/wikitext-2-raw python benchmarks/gguf_llamacpp.py \\
+    OMP_WAIT_POLICY=passive LLMOPT_DATA=/path/to/wikitext-2-raw python benchmarks/gguf_llamacpp.py \\
         --model smollm2-135m --gptq out/g32 --gptq-asym out/g32a [--also gemma3-270m out/pruned] [--windows 8]
 
 Evaluation: the first --windows non-overlapping --ctx-token windows of WikiText-2 test, cut by llmopt's

@@ -1,7 +1,7 @@
 """Perplexity of SmolLM2-135M quantized with GPTQ vs round-to-nearest, and GPTQ's quantization time
 against the floor of two plain forward passes of the same calibration tokens.
 
-    OMP_WAIT_POLICY=passive LLMOPT_DATA=/work/shared/data/wikitext-2-raw \\
+    OMP_WAIT_POLICY=passive LLMOPT_DATA=/path/to/wikitext-2-raw \\
         python benchmarks/gptq_quality.py [--windows 32] [--nsamples 128] [--seq-len 512] [--out DIR]
 
 Calibration: --nsamples random windows of --seq-len tokens from wiki.valid.raw (seed 0).

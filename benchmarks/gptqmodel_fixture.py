@@ -7,10 +7,10 @@ outputs computed by GPTQModel's own runtime.
 
 Run with a separate environment that has GPTQModel (never part of CI or of llmopt's dependencies):
 
-    python3 -m venv /work/gptqmodel-venv
-    PIP_CONFIG_FILE=/dev/null /work/gptqmodel-venv/bin/pip install torch==2.15.0
-    PIP_CONFIG_FILE=/dev/null /work/gptqmodel-venv/bin/pip install gptqmodel==7.7.0 optimum
-    CUDA_VISIBLE_DEVICES= /work/gptqmodel-venv/bin/python benchmarks/gptqmodel_fixture.py
+    python3 -m venv /path/to/gptqmodel-venv
+    PIP_CONFIG_FILE=/dev/null /path/to/gptqmodel-venv/bin/pip install torch==2.15.0
+    PIP_CONFIG_FILE=/dev/null /path/to/gptqmodel-venv/bin/pip install gptqmodel==7.7.0 optimum
+    CUDA_VISIBLE_DEVICES= /path/to/gptqmodel-venv/bin/python benchmarks/gptqmodel_fixture.py
 
 For each fixture (4-bit, group 32: symmetric with desc_act off and on, asymmetric with desc_act off) it:
 

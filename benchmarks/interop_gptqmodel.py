@@ -4,12 +4,12 @@ llmopt's runtime computes?
 Runs in an environment of its own with GPTQModel (never part of CI or of llmopt's dependencies),
 with this checkout on PYTHONPATH:
 
-    python3 -m venv /work/gptqmodel-venv
-    PIP_CONFIG_FILE=/dev/null /work/gptqmodel-venv/bin/pip install torch==2.15.0
-    PIP_CONFIG_FILE=/dev/null /work/gptqmodel-venv/bin/pip install gptqmodel==7.7.0 optimum
+    python3 -m venv /path/to/gptqmodel-venv
+    PIP_CONFIG_FILE=/dev/null /path/to/gptqmodel-venv/bin/pip install torch==2.15.0
+    PIP_CONFIG_FILE=/dev/null /path/to/gptqmodel-venv/bin/pip install gptqmodel==7.7.0 optimum
     CUDA_VISIBLE_DEVICES= GPTQMODEL_CPU_WORKERS=2 OMP_NUM_THREADS=2 OMP_WAIT_POLICY=passive \\
-        LLMOPT_DATA=/work/shared/data/wikitext-2-raw PYTHONPATH=. \\
-        /work/gptqmodel-venv/bin/python benchmarks/interop_gptqmodel.py [--models ...] [--only LABEL ...]
+        LLMOPT_DATA=/path/to/wikitext-2-raw PYTHONPATH=. \\
+        /path/to/gptqmodel-venv/bin/python benchmarks/interop_gptqmodel.py [--models ...] [--only LABEL ...]
 
 For each model (SmolLM2-135M: input widths 576 and 1536; a random tiny Qwen2 built here: widths
 160 and 480, q/k/v biases, SmolLM2's tokenizer) and each variant, `llmopt quantize` writes a

@@ -1,6 +1,6 @@
 """Is any weight-magnitude score better than random at choosing MLP channels to prune?
 
-    OMP_WAIT_POLICY=passive LLMOPT_DATA=/work/shared/data/wikitext-2-raw \\
+    OMP_WAIT_POLICY=passive LLMOPT_DATA=/path/to/wikitext-2-raw \\
         python benchmarks/prune_magnitude.py [--model smollm2-135m] [--widths 9/3/1016]
 
 `--importance l2` ranks a channel by the squared weights of its gate row, up row and down column.
