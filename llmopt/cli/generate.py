@@ -11,7 +11,7 @@ import typer
 from llmopt.cli.common import Device, Dtype, Head, Json, RichProgress, app, err_console, print_json
 from llmopt.errors import UserError
 from llmopt.generate import GenerateOptions, generate as run_generate
-from llmopt.models import check_head, load_model
+from llmopt.models import load_model
 
 D = GenerateOptions
 
@@ -41,7 +41,6 @@ def generate(
                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, num_beams=num_beams,
                            seed=seed, stop=list(stop or []))
     opts.validate()  # before the (slow) load
-    check_head(head)
     loaded = load_model(model, device=device, dtype=dtype, progress=RichProgress(not json), head=head)
 
     def stream(text: str) -> None:
