@@ -1,7 +1,7 @@
 """Streaming text generation with honest timing (time to first token, decode tokens/s).
 
-transformers' `generate` does the decoding (greedy, sampling, beams, stop strings); a small
-streamer turns token ids into text as they arrive and timestamps the first and last token.
+transformers' `generate` does the decoding (greedy, sampling, beams, stop strings), with llmopt's
+in-place growing KV cache when there is one beam (llmopt.kv_cache); a small streamer turns token ids into text as they arrive and timestamps the first and last token.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from llmopt.errors import UserError, require
+from llmopt.kv_cache import cache_kwargs
 from llmopt.models import model_device
 
 
@@ -126,7 +127,7 @@ def generate(model, tokenizer, opts: GenerateOptions, on_text: Callable[[str], N
         kwargs["pad_token_id"] = tokenizer.eos_token_id
     streamer = _Streamer(tokenizer, on_text if opts.num_beams == 1 else None)
     if opts.num_beams == 1:
-        kwargs["streamer"] = streamer
+        kwargs.update(streamer=streamer, **cache_kwargs(model))
     start = time.perf_counter()
     out = model.generate(ids, **kwargs)
     total = time.perf_counter() - start

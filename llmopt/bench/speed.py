@@ -1,7 +1,7 @@
 """Latency and memory of generation, measured so that two models can be compared honestly.
 
-Timing: a hand-written greedy decode loop with a KV cache (one prefill forward over the prompt, then
-one forward per new token with `past_key_values`), so the figure is the model's cost and not the
+Timing: a hand-written greedy decode loop with a KV cache (llmopt's in-place growing cache, as in
+`generate`; one prefill forward over the prompt, then one forward per new token), so the figure is the model's cost and not the
 variance of `generate()`'s bookkeeping. The prompt is real text, the same token ids for every model
 that shares a tokenizer, and exactly `gen_len` tokens are produced (no early stop on EOS), so every
 model does the same work. All models are measured in one process, in interleaved rounds after
@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from llmopt.info import weight_bytes
+from llmopt.kv_cache import cache_kwargs
 from llmopt.models import model_device
 from llmopt.progress import SILENT, Progress
 
@@ -99,7 +100,7 @@ def time_generation(model, prompt: torch.Tensor, gen_len: int) -> Timing:
     kwargs = _prefill_kwargs(model)
     _sync(device)
     start = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, **kwargs)
+    out = model(input_ids=ids, use_cache=True, **cache_kwargs(model), **kwargs)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     first = time.perf_counter()

@@ -25,7 +25,9 @@ output rows that stay in cache; nothing cached, so memory stays at 4 bits per we
 and multiplied by the GEMM in `dequant_dtype()`: bfloat16 where the CPU has native bf16 dot products
 (oneDNN runs it at about 2x fp32), float32 elsewhere. Kernel-free layers (2/3 bits, grouped 8 bits)
 always dequantize, with the same word-at-a-time unpack, and multiply in the input's dtype.
-Measured speeds and the crossover: docs/runtime.md.
+A small kernel call (a few rows on a weight of at most about 1 MB) runs on one CPU thread: with OpenMP's
+passive waiting, waking the other threads costs more than they save (2-4x on SmolLM2's layers at decode).
+Measured speeds and the crossovers: docs/runtime.md.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ DEQUANT_MIN_ROWS: int | None = 128
 DEQUANT_DTYPE: torch.dtype | None = None
 # output rows dequantized at a time for the large layers (the head), so a chunk stays in cache
 _DEQUANT_CHUNK = 4096
+# a kernel call with at most this many rows on a weight of at most this many bytes runs on one thread: with
+# OpenMP's passive waiting, waking the others costs more than they save (benchmarks/decode_threads.py)
+ONE_THREAD_MAX_ROWS = 8
+ONE_THREAD_MAX_BYTES = 1_000_000
 _KERNEL_GROUPS = (32, 64, 128, 256)
 _CPU_BLOCK_N = 64
 
@@ -73,6 +79,15 @@ def dequant_dtype(device_type: str = "cpu", input_dtype: torch.dtype = torch.flo
     if DEQUANT_DTYPE is not None:
         return DEQUANT_DTYPE
     return torch.bfloat16 if _native_bf16() else torch.float32
+
+
+def _on_one_thread(fn, *args):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _ceil_to(n: int, m: int) -> int:
@@ -155,6 +170,7 @@ class QuantLinear(torch.nn.Module):
         self.kernel_group, self.k_pad, self.n_pad = kg, kp, np_
         self.perm = perm.to(device) if perm is not None else None
         self.mode = "int4"
+        self.kernel_bytes = self.w_int4.numel() * self.w_int4.element_size()
         # prefill dequantizes from the kernel's own CPU buffer; check that we read its layout right
         self.cheap_dequant = not cuda and torch.equal(self._int4_codes_t().t().to(torch.int32), codes.to(device))
         self.zero_offsets = bool((sz[..., 1] != 0).any())   # symmetric layers skip the add
@@ -168,6 +184,7 @@ class QuantLinear(torch.nn.Module):
         shift = (z - 128).float() * s.to(torch.bfloat16).float()
         self.register_buffer("zero_shift", shift.to(device) if bool((z != 128).any()) else None)
         self.mode = "int8"
+        self.kernel_bytes = self.w_int8.numel()
 
     def _init_dequant(self, q, zeros, scales, g_idx, device) -> None:
         k = self.in_features
@@ -268,24 +285,31 @@ class QuantLinear(torch.nn.Module):
             return torch.ops.aten._weight_int4pack_mm(x2, self.w_int4, self.kernel_group, sz)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.w_int4, self.kernel_group, sz)
 
+    def _kernel_int8(self, xb: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(xb, self.w_int8, self.scales_bf16)
+
+    def _one_thread(self, rows: int) -> bool:
+        """Whether this call is small enough that waking the other CPU threads costs more than they save."""
+        return (self.device_type == "cpu" and rows <= ONE_THREAD_MAX_ROWS
+                and self.kernel_bytes <= ONE_THREAD_MAX_BYTES and torch.get_num_threads() > 1)
+
     def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The weight-only kernel path, whatever the number of rows."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        if self.mode == "int4":
-            xb = x2.to(torch.bfloat16)
-            if self.k_pad != self.in_features:
-                xb = F.pad(xb, (0, self.k_pad - self.in_features))
-            y = self._kernel_int4(xb.contiguous())[:, : self.out_features]
-        elif self.mode == "int8":
-            xb = x2.to(torch.bfloat16).contiguous()
-            y = torch.ops.aten._weight_int8pack_mm(xb, self.w_int8, self.scales_bf16)
-            if self.zero_shift is not None:
-                y = y - xb.float().sum(-1, keepdim=True) * self.zero_shift
-        else:
+        if self.mode not in ("int4", "int8"):
             return self.forward_dequant(x)
+        xb = x2.to(torch.bfloat16)
+        if self.mode == "int4" and self.k_pad != self.in_features:
+            xb = F.pad(xb, (0, self.k_pad - self.in_features))
+        kernel = self._kernel_int4 if self.mode == "int4" else self._kernel_int8
+        y = _on_one_thread(kernel, xb.contiguous()) if self._one_thread(x2.shape[0]) else kernel(xb.contiguous())
+        if self.mode == "int4":
+            y = y[:, : self.out_features]
+        elif self.zero_shift is not None:
+            y = y - xb.float().sum(-1, keepdim=True) * self.zero_shift
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)

@@ -29,12 +29,14 @@ import torch
 
 from llmopt.errors import UserError
 from llmopt.models import check_head, check_loading_info, check_weight_files, reading_weights
-from llmopt.quantize import packing
+from llmopt.quantize import fusion, packing
 from llmopt.quantize.qlinear import QuantLinear
 
 _QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx")
 # serve a tied model's embeddings from its quantized head (False: keep the file's full-precision table)
 EMBEDDINGS_FROM_HEAD = True
+# run sibling projections (q/k/v, gate/up) as one quantized matmul (llmopt.quantize.fusion)
+FUSE_SIBLINGS = True
 _CPU_BLOCK_N = 64     # output rows per block of the CPU int4 kernel's weight buffer
 
 
@@ -189,7 +191,6 @@ def load_gptq_model(path: Path, config: dict, device: torch.device, dtype: torch
     bits = int(qconfig.get("bits", 4))
     if bits not in packing.BITS:
         raise UserError(f"{path}: GPTQ with {bits} bits is not supported", hint="llmopt reads 2, 3, 4 and 8 bits")
-    group_size = int(qconfig.get("group_size", -1))
     fmt = checkpoint_format(qconfig)
 
     cfg = AutoConfig.from_pretrained(path)
@@ -202,20 +203,16 @@ def load_gptq_model(path: Path, config: dict, device: torch.device, dtype: torch
     prefixes = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
     if not prefixes:
         raise UserError(f"{path}: config says GPTQ but the weights hold no qweight tensors")
-    for prefix in prefixes:
-        try:
-            linear = model.get_submodule(prefix)
-        except AttributeError as e:
-            raise UserError(f"{path}: quantized module {prefix} does not exist in this architecture") from e
-        parts = {k: tensors.pop(f"{prefix}.{k}") for k in _QUANT_KEYS if f"{prefix}.{k}" in tensors}
-        bias = tensors.pop(f"{prefix}.bias", None)
-        b, g = module_grid(qconfig, prefix, bits, group_size)
-        if b not in packing.BITS:
-            raise UserError(f"{path}: GPTQ with {b} bits ({prefix}) is not supported",
-                            hint="llmopt reads 2, 3, 4 and 8 bits")
-        q, zeros, scales, g_idx = packing.unpack_layer(parts, b, fmt, linear.in_features, linear.out_features, g)
-        module = QuantLinear(q, zeros, scales, g_idx, None if bias is None else bias.to(dtype), b, g, device)
-        model.set_submodule(prefix, module)
+    groups = fusion.sibling_groups(prefixes) if FUSE_SIBLINGS else []
+    grouped = {p for g in groups for p in g}
+    for group in groups + [[p] for p in prefixes if p not in grouped]:
+        units = [_unit(model, tensors, qconfig, p, fmt, dtype, str(path)) for p in group]
+        if len(units) > 1 and fusion.fusable(units):
+            for prefix, module in zip(group, fusion.fuse(units, device, QuantLinear)):
+                model.set_submodule(prefix, module)
+            continue
+        for prefix, u in zip(group, units):
+            model.set_submodule(prefix, QuantLinear(*u, device))
 
     _assign_rest(model, tensors, dtype, str(path))
     model.to(device)
@@ -225,6 +222,23 @@ def load_gptq_model(path: Path, config: dict, device: torch.device, dtype: torch
     if runtime_head(head, device) == "int8" and head_to_int8(model):
         model.runtime_head = "int8"      # read by bench's report: not the checkpoint's own precision
     return model
+
+
+def _unit(model: torch.nn.Module, tensors: dict[str, torch.Tensor], qconfig: dict, prefix: str, fmt: str,
+          dtype: torch.dtype, label: str) -> fusion.Unit:
+    """One quantized Linear's codes, taken out of `tensors`: (q, zeros, scales, g_idx, bias, bits, group)."""
+    try:
+        linear = model.get_submodule(prefix)
+    except AttributeError as e:
+        raise UserError(f"{label}: quantized module {prefix} does not exist in this architecture") from e
+    parts = {k: tensors.pop(f"{prefix}.{k}") for k in _QUANT_KEYS if f"{prefix}.{k}" in tensors}
+    bias = tensors.pop(f"{prefix}.bias", None)
+    b, g = module_grid(qconfig, prefix, int(qconfig.get("bits", 4)), int(qconfig.get("group_size", -1)))
+    if b not in packing.BITS:
+        raise UserError(f"{label}: GPTQ with {b} bits ({prefix}) is not supported",
+                        hint="llmopt reads 2, 3, 4 and 8 bits")
+    q, zeros, scales, g_idx = packing.unpack_layer(parts, b, fmt, linear.in_features, linear.out_features, g)
+    return q, zeros, scales, g_idx, None if bias is None else bias.to(dtype), b, g
 
 
 def _assign_rest(model: torch.nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, label: str) -> None:
