@@ -360,14 +360,14 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", progress: P
     return LoadedModel(model.eval(), tok, source, dev, provenance=read_provenance(path))
 
 
-HEADS = ("auto", "int8", "full")
+HEADS = ("auto", "int8", "int4", "full")
 
 
 def check_head(head: str) -> None:
-    """`--head`: auto (int8 on CPU), int8 or full; only quantized checkpoints' runtimes act on it."""
+    """`--head`: auto (int8 on CPU), int8, int4 or full; only quantized checkpoints' runtimes act on it."""
     if head not in HEADS:
         raise UserError(f"--head {head!r} is not one of {', '.join(HEADS)}",
-                        hint="auto (8-bit on CPU), int8, or full (the checkpoint's own precision)")
+                        hint="auto (8-bit on CPU), int8, int4, or full (the checkpoint's own precision)")
 
 
 def _load_hub(source: Source, dev: torch.device, torch_dtype: torch.dtype, progress: Progress,

@@ -15,7 +15,7 @@ import torch
 from llmopt.models import load_model
 from llmopt.quantize import QuantizeOptions, quantize
 from llmopt.quantize.qlinear import QuantLinear
-from llmopt.quantize.runtime import QuantEmbedding, head_to_int8
+from llmopt.quantize.runtime import QuantEmbedding, round_head
 
 
 def _gptq(src, out, **kw):
@@ -72,7 +72,7 @@ def test_a_quantized_head_is_left_as_the_checkpoint_has_it(tiny_model_dir, tmp_p
     model = load_model(str(out), device="cpu", head="int8").model
     assert model.lm_head.group_size == -1 and model.lm_head.bits == 8
     assert not hasattr(model, "runtime_head")            # nothing was rounded at load
-    assert head_to_int8(model) is False
+    assert round_head(model, "int8") is None
 
 
 def test_bench_says_which_model_had_its_head_rounded(tiny_model_dir, tmp_path, cli):
@@ -93,6 +93,46 @@ def test_bench_says_which_model_had_its_head_rounded(tiny_model_dir, tmp_path, c
 def test_bad_head_exits_2_before_loading(command, tiny_model_dir, tmp_path, cli):
     model = tiny_model_dir("llama")
     before = sorted(p.name for p in tmp_path.iterdir())
-    code, _, err = cli(*[c.format(m=model) for c in command], "--head", "int4")
-    assert code == 2 and "--head 'int4'" in err and "Traceback" not in err
+    code, _, err = cli(*[c.format(m=model) for c in command], "--head", "int2")
+    assert code == 2 and "--head 'int2'" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def _int4_groups(w: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """The head as `--head int4` should hold it: per group of 32 columns, min..max (0 included) over 15
+    steps, round to nearest; scale and float zero point as the int4 kernel keeps them (bfloat16)."""
+    g = w.view(w.shape[0], -1, group)
+    lo, hi = g.amin(2).clamp(max=0), g.amax(2).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp(min=1e-30)
+    zero = (-lo / scale).round()
+    q = (torch.round(g / scale[..., None]) + zero[..., None]).clamp(0, 15)
+    s = scale.to(torch.bfloat16).float()
+    zf = ((8 - zero) * scale).to(torch.bfloat16).float()
+    return ((q - 8) * s[..., None] + zf[..., None]).view_as(w)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])     # tied; tied + scaled embeddings
+def test_int4_head_holds_round_to_nearest_4bit_groups_and_feeds_the_embeddings(arch, tiny_model_dir, tmp_path):
+    out = _gptq(tiny_model_dir(arch), tmp_path / "q")
+    full = load_model(str(out), device="cpu", head="full").model
+    int4 = load_model(str(out), device="cpu", head="int4").model
+    assert int4.runtime_head == "int4" and int4.lm_head.mode == "int4" and int4.lm_head.group_size == 32
+    reference = _int4_groups(full.lm_head.weight.detach().float())
+    w = int4.lm_head.dequantized_weight(torch.float32)
+    step = (reference.abs().amax() / 7).item()
+    assert (w - reference).abs().max().item() < step / 64     # bf16 rounding of scale and zero only
+    emb = int4.get_input_embeddings()
+    assert isinstance(emb, QuantEmbedding)
+    ids = torch.tensor([3, 17, 200])
+    scale = getattr(full.get_input_embeddings(), "embed_scale", None)
+    rows = w[ids] * (1.0 if scale is None else scale.float())
+    assert torch.allclose(emb(ids).float(), rows, rtol=1e-2, atol=1e-3)
+    assert int4.lm_head.kernel_bytes * 2 == w.numel()          # half a byte per weight
+
+
+def test_bench_json_names_the_int4_head(tiny_model_dir, tmp_path, cli):
+    out = _gptq(tiny_model_dir("llama"), tmp_path / "q")
+    code, stdout, err = cli("bench", str(out), "--skip-speed", "--ppl-data", "builtin", "--seq-len", "32",
+                            "--ppl-windows", "2", "--head", "int4", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["models"][0]["runtime_head"] == "int4"

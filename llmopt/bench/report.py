@@ -175,10 +175,11 @@ def _caption(report: dict) -> str:
         parts.append(f"quality: {m.get('ppl_data_description') or m.get('ppl_data')}, {s.get('seq_len')}-token "
                      f"windows (cap {s.get('ppl_windows') or 'none'})"
                      + (f"; BOS first in each window for {', '.join(dict.fromkeys(bos))}" if bos else ""))
-    int8_head = [r["name"] for r in report["models"] if r.get("runtime_head") == "int8"]
-    if int8_head:
-        parts.append(f"output head stored in full precision, rounded to int8 at load by llmopt's runtime (--head) "
-                     f"for {', '.join(dict.fromkeys(int8_head))}")
+    for bits in ("int8", "int4"):
+        rounded = [r["name"] for r in report["models"] if r.get("runtime_head") == bits]
+        if rounded:
+            parts.append(f"output head stored in full precision, rounded to {bits} at load by llmopt's runtime "
+                         f"(--head) for {', '.join(dict.fromkeys(rounded))}")
     if m.get("speed"):
         bw = m.get("memory_bandwidth_gb_s")
         parts.append(f"speed: prompt {s.get('prompt_len')}, {s.get('gen_len')} new tokens, median "

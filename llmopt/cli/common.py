@@ -48,7 +48,8 @@ Dtype = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloa
                                                     "bfloat16 or float16.")]
 Head = Annotated[str, typer.Option("--head", help="How llmopt's runtime serves a quantized checkpoint's "
                                                   "full-precision output head: auto (int8 on CPU, where it "
-                                                  "reads 4x fewer bytes per token), int8, or full (as stored).")]
+                                                  "reads 4x fewer bytes per token), int8, int4 (8x fewer; "
+                                                  "costs more quality), or full (as stored).")]
 Json = Annotated[bool, typer.Option("--json", help="Print a JSON object on stdout instead of human output.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists: --force replaces only an earlier "
                                                      "llmopt output or an empty folder.")]

@@ -112,35 +112,59 @@ def embeddings_from_head(model: torch.nn.Module) -> None:
 
 
 def runtime_head(head: str, device: torch.device) -> str:
-    """What `--head` means on this device: `auto` is int8 on CPU, where PyTorch has the int8 kernel."""
+    """What `--head` means on this device: `auto` is int8 on CPU, where PyTorch has the int8 kernel;
+    int8 and int4 are served by the kernels where they exist, by dequantizing elsewhere."""
     check_head(head)
     if head == "auto":
         return "int8" if device.type == "cpu" else "full"
     return head
 
 
-def head_to_int8(model: torch.nn.Module) -> bool:
-    """Round a full-precision output head to 8-bit codes, one symmetric scale per output row, and serve
-    a tied embedding from them. False when there is nothing to do (no plain Linear head)."""
+HEAD_INT4_GROUP = 32      # columns per scale/zero pair of `--head int4` (llama.cpp's Q4_1 block)
+
+
+def round_head(model: torch.nn.Module, served: str) -> str | None:
+    """Round a full-precision output head as it loads, and serve a tied embedding from its codes:
+    `int8`: 8-bit codes, one symmetric scale per output row (`_weight_int8pack_mm`); `int4`: 4-bit
+    codes, a scale and zero point per `HEAD_INT4_GROUP` columns, round-to-nearest (the int4 kernel), or
+    int8 when the head's width is not a whole number of those groups. Returns what it did: "int8",
+    "int4", or None when there is nothing to do (no plain Linear head)."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or head.weight.is_meta:
-        return False
+        return None
     w = head.weight.detach()
-    scale = (w.abs().amax(dim=1).float() / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    group = HEAD_INT4_GROUP if served == "int4" and w.shape[1] % HEAD_INT4_GROUP == 0 else -1
+    bits = 4 if group > 0 else 8
     q = torch.empty(w.shape, dtype=torch.uint8)
+    scales = torch.empty(max(1, w.shape[1] // group), w.shape[0])
+    zeros = torch.empty(scales.shape, dtype=torch.int16)
     for r0 in range(0, w.shape[0], 4096):      # in row chunks: no float32 copy of the whole table
-        rows = w[r0:r0 + 4096].float() / scale[r0:r0 + 4096, None]   # a copy: the tied table is still in use
-        rows.round_().clamp_(-127, 127)
-        q[r0:r0 + 4096] = (rows + 128).to(torch.uint8)
-    zeros = torch.full((1, w.shape[0]), 128, dtype=torch.int16)
+        rows = w[r0:r0 + 4096].float()         # a copy: the tied table is still in use
+        q[r0:r0 + 4096], scales[:, r0:r0 + 4096], zeros[:, r0:r0 + 4096] = _round_rows(rows, bits, group)
+    g_idx = torch.arange(w.shape[1]) // group if group > 0 else torch.zeros(w.shape[1], dtype=torch.int32)
     bias = None if head.bias is None else head.bias.detach()
-    module = QuantLinear(q, zeros, scale[None, :], torch.zeros(w.shape[1], dtype=torch.int32), bias, 8, -1,
-                         w.device)
+    module = QuantLinear(q, zeros, scales, g_idx, bias, bits, group, w.device)
     tied = model.get_input_embeddings().weight is head.weight
     model.set_submodule(next(n for n, m in model.named_modules() if m is head), module)
     if tied:
         embeddings_from_head(model)
-    return True
+    return f"int{bits}"
+
+
+def _round_rows(rows: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [R, K] uint8, scales [G, R], true zeros [G, R]): 8 bits symmetric per row (zero 128), or
+    `bits` asymmetric per group of columns (min to max over 2^bits - 1 steps)."""
+    tiny = torch.finfo(torch.float32).tiny
+    if group <= 0:
+        scale = (rows.abs().amax(dim=1) / 127).clamp(min=tiny)
+        q = (rows / scale[:, None]).round_().clamp_(-127, 127) + 128
+        return q.to(torch.uint8), scale[None, :], torch.full((1, rows.shape[0]), 128, dtype=torch.int16)
+    g = rows.view(rows.shape[0], -1, group)
+    lo, hi = g.amin(dim=2).clamp(max=0), g.amax(dim=2).clamp(min=0)
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp(min=tiny)                  # [R, G]
+    zero = (-lo / scale).round_().clamp_(0, 2 ** bits - 1)
+    q = (g / scale[..., None]).round_().add_(zero[..., None]).clamp_(0, 2 ** bits - 1)
+    return q.view_as(rows).to(torch.uint8), scale.t().contiguous(), zero.t().to(torch.int16).contiguous()
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -219,8 +243,9 @@ def load_gptq_model(path: Path, config: dict, device: torch.device, dtype: torch
     model.config.quantization_config = qconfig
     if EMBEDDINGS_FROM_HEAD and qconfig.get("lm_head") and (qconfig.get("meta") or {}).get("tied_embeddings"):
         embeddings_from_head(model)
-    if runtime_head(head, device) == "int8" and head_to_int8(model):
-        model.runtime_head = "int8"      # read by bench's report: not the checkpoint's own precision
+    rounded = round_head(model, runtime_head(head, device)) if runtime_head(head, device) != "full" else None
+    if rounded:
+        model.runtime_head = rounded      # read by bench's report: not the checkpoint's own precision
     return model
 
 
