@@ -117,9 +117,11 @@ def render_table(report: dict, title: str | None = None) -> Table:
     m = lambda r, k: r["metrics"].get(k)  # noqa: E731
     original = method.get("size_reference", {}).get("original_dtype")
     d = lambda r, k, style="x": _delta(r["deltas"].get(k), style)  # noqa: E731
+    runtimes = len({r.get("runtime") for r in rows}) > 1
     columns: list[tuple[str, Any]] = [
         ("model", lambda r: _cell(r["name"], Text("baseline" if r["role"] == "baseline" else
-                                                  _quant(r.get("quantization")), style="dim"))),
+                                                  _quant(r.get("quantization")), style="dim"),
+                                  Text(f"on {r.get('runtime')}" if runtimes else "", style="dim"))),
         ("params", lambda r: _cell(_count(m(r, "parameters")), d(r, "parameters"))),
         ("weights", lambda r: _cell(_bytes(m(r, "weight_bytes")), *_sizes(r, original),
                                     Text(f"{_num(m(r, 'bits_per_weight'))} b/w", style="dim"))),
@@ -162,6 +164,8 @@ def _quant(q: dict | None) -> str:
     if not q:
         return ""
     method = q.get("quant_method", "quantized")
+    if q.get("ggml_type"):
+        return f"{method} {q['ggml_type']}"
     bits = q.get("bits") or (8 if q.get("load_in_8bit") else 4 if q.get("load_in_4bit") else None)
     return f"{method}{'' if bits is None else f' {bits}-bit'}"
 
@@ -180,6 +184,7 @@ def _caption(report: dict) -> str:
         if rounded:
             parts.append(f"output head stored in full precision, rounded to {bits} at load by llmopt's runtime "
                          f"(--head) for {', '.join(dict.fromkeys(rounded))}")
+    parts.extend(_runtimes(report))
     if m.get("speed"):
         bw = m.get("memory_bandwidth_gb_s")
         parts.append(f"speed: prompt {s.get('prompt_len')}, {s.get('gen_len')} new tokens, median "
@@ -197,6 +202,20 @@ def _caption(report: dict) -> str:
     parts.append("deltas vs baseline: x = model/baseline (timed: median of per-round ratios; ~ = within the "
                  "rounds' range)")
     return "\n".join(parts)
+
+
+def _runtimes(report: dict) -> list[str]:
+    """Which runtime ran which model, when llama.cpp ran one (a line for the caption)."""
+    lc = report.get("method", {}).get("llama_cpp")
+    if not lc:
+        return []
+    by: dict[str, list[str]] = {}
+    for r in report["models"]:
+        by.setdefault(r.get("runtime") or "?", []).append(r["name"])
+    labels = {"llama.cpp": f"llama.cpp {lc['version']} ({lc['threads']} threads)"}
+    who = "; ".join(f"{labels.get(rt, rt)} for {', '.join(dict.fromkeys(names))}" for rt, names in by.items())
+    return [f"runtime: {who}; llama.cpp is fed the same token ids and scored by the same code; its weights are "
+            "the GGUF file's tensor bytes"]
 
 
 # --------------------------------------------------------------------------- files

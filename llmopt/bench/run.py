@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from llmopt.bench.llamacpp import LlamaCppLM, gguf_facts, load_llamacpp, resolve_gguf_runtime
 from llmopt.bench.quality import WindowStats, compare_models
 from llmopt.bench.report import check_replaceable, write_csv, write_plot
 from llmopt.bench.speed import bytes_read_per_token, measure_speed, memory_bandwidth, peak_memory, spread
@@ -23,7 +24,8 @@ from llmopt.data import Corpus, bos_id, check_source, cut_eval, load_text, rando
     tokenize_corpus
 from llmopt.errors import MissingExtra, UserError, require
 from llmopt.info import model_info, original_dtype, size_ratios, stored_dtype
-from llmopt.models import LoadedModel, check_head, load_model, model_device, parse_device, parse_dtype, resolve
+from llmopt.models import FORMAT_LOADERS, LoadedModel, check_head, load_model, model_device, parse_device, \
+    parse_dtype, resolve
 from llmopt.progress import SILENT, Progress
 
 SCHEMA_VERSION = 1
@@ -77,6 +79,13 @@ METHOD_TEXT = {
               "and gen_len at batch 1; peak_rss_bytes = VmHWM of /proc/self/status at the end (the whole "
               "process, runtime included; runtime_rss_bytes is the process before loading the model); on "
               "CUDA peak_cuda_allocated_bytes = torch.cuda.max_memory_allocated after reset before generating",
+    "llama.cpp": "a .gguf model with runtime llama.cpp is run by llama.cpp (llama-cpp-python) on the CPU with "
+                 "llama_cpp.threads threads (torch's count), its default batch of 512 tokens, its own KV cache and "
+                 "weights memory-mapped from the file (counted in peak_rss_bytes once read); it is fed the token "
+                 "ids the other models get (tokenizer: the Hugging Face one transformers reads from the file) and "
+                 "its logits are scored by the same code; a prefill computes the last position's logits only; "
+                 "weight_bytes = the bytes of the file's tensors (disk_bytes: the whole file), parameters = "
+                 "their elements",
 }
 
 
@@ -99,6 +108,7 @@ class BenchOptions:
     device: str = "auto"
     dtype: str = "auto"
     head: str = "auto"                # a quantized checkpoint's full-precision head: models.check_head
+    gguf_runtime: str = "auto"        # who runs a .gguf model: llamacpp.GGUF_RUNTIMES
     seed: int = 0
     csv: str | None = None
     plot: str | None = None
@@ -122,9 +132,13 @@ class BenchOptions:
                 "drop --skip-quality or --plot")
         parse_dtype(self.dtype, parse_device(self.device))
         check_head(self.head)
+        runtime = resolve_gguf_runtime(self.gguf_runtime, parse_device(self.device))
         check_source(self.ppl_data, "--ppl-data", "eval", self.data_dir)
-        for spec in ([self.baseline] if self.baseline else []) + list(self.models):
-            resolve(spec)
+        specs = ([self.baseline] if self.baseline else []) + list(self.models)
+        gguf = [s for s in specs if resolve(s).kind == "gguf"]
+        require(not (gguf and runtime == "llama.cpp" and self.batch and not self.skip_speed),
+                f"--batch is not measured through llama.cpp, which runs {gguf[0] if gguf else ''}",
+                "drop --batch, or pass --gguf-runtime transformers")
         for flag, kind, value in (("--csv", "csv", self.csv), ("--plot", "plot", self.plot)):
             if value:
                 check_replaceable(value, kind, self.force, flag)
@@ -151,8 +165,13 @@ def _key(spec: str) -> str:
     return str(path.resolve()) if path.exists() else spec.strip().lower()
 
 
-def _load(spec: str, opts: BenchOptions, progress: Progress) -> LoadedModel:
+def _load(spec: str, opts: BenchOptions, progress: Progress, gguf_runtime: str) -> LoadedModel:
     try:
+        if gguf_runtime == "llama.cpp" and resolve(spec).kind == "gguf":
+            progress.start(f"Loading {spec} (GGUF, llama.cpp)", total=None)
+            loaded = load_llamacpp(spec, max(opts.seq_len, opts.prompt_len + opts.gen_len))
+            progress.finish()
+            return loaded
         return load_model(spec, device=opts.device, dtype=opts.dtype, progress=progress, head=opts.head)
     except UserError:
         raise
@@ -167,7 +186,7 @@ def _disk_bytes(loaded: LoadedModel) -> int | None:
     return dir_size(path) if path is not None and Path(path).exists() else None
 
 
-def _entries(opts: BenchOptions, progress: Progress) -> list[_Entry]:
+def _entries(opts: BenchOptions, progress: Progress, gguf_runtime: str) -> list[_Entry]:
     """The baseline first, then the models; a model named twice is loaded once."""
     specs = [(opts.baseline, "baseline")] + [(m, "model") for m in opts.models] if opts.baseline else \
         [(opts.models[0], "baseline")] + [(m, "model") for m in opts.models[1:]]
@@ -176,7 +195,7 @@ def _entries(opts: BenchOptions, progress: Progress) -> list[_Entry]:
     for spec, role in specs:
         key = _key(spec)
         if key not in cache:
-            cache[key] = _load(spec, opts, progress)
+            cache[key] = _load(spec, opts, progress, gguf_runtime)
         entries.append(_Entry(spec, role, cache[key]))
     return entries
 
@@ -206,16 +225,29 @@ def _tokenize(entries: list[_Entry], text: str, progress: Progress) -> tuple[lis
 def _facts(entries: list[_Entry]) -> dict[int, dict]:
     facts = {}
     for e in entries:
-        if id(e.loaded) not in facts:
+        if id(e.loaded) in facts:
+            continue
+        if isinstance(e.loaded.model, LlamaCppLM):
+            info = gguf_facts(e.loaded.model.path)
+        else:
             info = model_info(e.loaded.model, None)
-            info["disk_bytes"] = _disk_bytes(e.loaded)
             info["stored_dtype"] = stored_dtype(e.loaded.path)
             info["bytes_read_per_token"] = bytes_read_per_token(e.loaded.model)
-            facts[id(e.loaded)] = info
+        info["disk_bytes"] = _disk_bytes(e.loaded)
+        info["runtime"] = runtime_of(e.loaded.model, info["quantization"])
+        facts[id(e.loaded)] = info
     return facts
 
 
-def _speed(opts: BenchOptions, entries: list[_Entry], corpora: list[Corpus], progress: Progress) -> tuple:
+def runtime_of(model, quantization: dict | None) -> str:
+    """Who runs a model: llama.cpp, llmopt's own runtime (its quantized formats) or transformers."""
+    if isinstance(model, LlamaCppLM):
+        return model.runtime
+    return "llmopt" if (quantization or {}).get("quant_method") in FORMAT_LOADERS else "transformers"
+
+
+def _speed(opts: BenchOptions, entries: list[_Entry], corpora: list[Corpus], progress: Progress,
+           facts: dict[int, dict]) -> tuple:
     """Timing rounds over all models and, when asked, peak memory in a fresh process per model."""
     prompts = [random_windows(c.ids, 1, opts.prompt_len, opts.seed) for c in corpora]
     batch_prompts = [random_windows(c.ids, opts.batch, opts.prompt_len, opts.seed) for c in corpora] \
@@ -227,7 +259,8 @@ def _speed(opts: BenchOptions, entries: list[_Entry], corpora: list[Corpus], pro
         for e, prompt in zip(entries, prompts):
             if id(e.loaded) not in done:
                 progress.start(f"memory: {e.name} (fresh process)", total=None)
-                done[id(e.loaded)] = peak_memory(e.name, opts.device, opts.dtype, prompt, opts.gen_len, opts.head)
+                done[id(e.loaded)] = peak_memory(e.name, opts.device, opts.dtype, prompt, opts.gen_len, opts.head,
+                                                 facts[id(e.loaded)]["runtime"])
                 progress.finish()
             memory.append(done[id(e.loaded)])
     bandwidth = memory_bandwidth(model_device(entries[0].loaded.model))
@@ -245,7 +278,8 @@ def bench(opts: BenchOptions, progress: Progress = SILENT) -> dict:
     device = parse_device(opts.device)
     source = resolve_auto(opts.ppl_data, opts.data_dir)
     text = load_text(source, "eval", opts.data_dir)          # a bad data source fails before any loading
-    entries = _entries(opts, progress)
+    gguf_runtime = resolve_gguf_runtime(opts.gguf_runtime, device)
+    entries = _entries(opts, progress, gguf_runtime)
     corpora, same = _tokenize(entries, text.text, progress)
     bos = [bos_id(e.loaded.tokenizer) for e in entries]
     if not opts.skip_speed:
@@ -258,7 +292,7 @@ def bench(opts: BenchOptions, progress: Progress = SILENT) -> dict:
     facts = _facts(entries)
     quality = compare_models([e.loaded.model for e in entries], windows, 0, progress, same) \
         if windows is not None else None
-    speed, memory = _speed(opts, entries, corpora, progress) if not opts.skip_speed else (None, None)
+    speed, memory = _speed(opts, entries, corpora, progress, facts) if not opts.skip_speed else (None, None)
 
     base_info = facts[id(entries[0].loaded)]
     reference = {"parameters": base_info["parameters"], "original_dtype": original_dtype(entries[0].loaded.path)}
@@ -279,7 +313,7 @@ def bench(opts: BenchOptions, progress: Progress = SILENT) -> dict:
         "wall_time_s": round(time.time() - started, 3),
         "versions": versions(),
         "baseline": rows[0]["name"],
-        "method": _method(opts, device, source, text.description, speed is not None),
+        "method": _method(opts, device, source, text.description, speed is not None, gguf_runtime, entries),
         "models": rows,
     }
     report["method"]["size_reference"] = reference
@@ -320,7 +354,7 @@ def _row(i: int, entries: list[_Entry], info: dict, reference: dict, q: WindowSt
         "path": str(e.loaded.source.path) if e.loaded.source.path else None,
         "same_model_as": next((entries[j].name for j in range(i) if entries[j].loaded is e.loaded), None),
         "architecture": info["architecture"], "model_type": info["model_type"], "dtype": info["dtype"],
-        "stored_dtype": info["stored_dtype"], "quantization": info["quantization"],
+        "stored_dtype": info["stored_dtype"], "quantization": info["quantization"], "runtime": info["runtime"],
         "runtime_head": getattr(e.loaded.model, "runtime_head", None),
         "metrics": metrics, "timings": timings, "deltas": {},
     }
@@ -354,7 +388,8 @@ def _deltas(base: dict, row: dict, base_speed, speed, same_tokenizer: bool = Tru
     return out
 
 
-def _method(opts: BenchOptions, device: torch.device, source: str, description: str, timed: bool) -> dict:
+def _method(opts: BenchOptions, device: torch.device, source: str, description: str, timed: bool,
+            gguf_runtime: str, entries: list[_Entry]) -> dict:
     settings = asdict(opts)
     for k in ("models", "baseline", "csv", "plot", "force"):
         settings.pop(k)
@@ -373,4 +408,16 @@ def _method(opts: BenchOptions, device: torch.device, source: str, description: 
             k: METHOD_TEXT[k] for k in ("timing", "rounds", "prompt", "ttft_s", "prefill_tok_s", "decode_tok_s",
                                         "batch_decode_tok_s", "weight_bandwidth_gb_s", "weight_bandwidth_pct")},
         "memory": METHOD_TEXT["memory"] if timed and opts.memory else None,
+        "gguf_runtime": gguf_runtime,
+        "llama_cpp": _llama_cpp(entries),
     }
+
+
+def _llama_cpp(entries: list[_Entry]) -> dict | None:
+    """How llama.cpp ran, when it ran a model: its version, threads and the method text."""
+    runs = [e.loaded.model for e in entries if isinstance(e.loaded.model, LlamaCppLM)]
+    if not runs:
+        return None
+    import llama_cpp
+
+    return {"version": llama_cpp.__version__, "threads": runs[0].threads, "method": METHOD_TEXT["llama.cpp"]}

@@ -85,6 +85,13 @@ def _prefill_kwargs(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
+def fresh_cache(model) -> dict:
+    """The prefill's cache keyword: an empty llmopt cache, or, for a model that keeps its own decode
+    state (llama.cpp, `llmopt.bench.llamacpp`), what that model asks for."""
+    own = getattr(model, "fresh_cache", None)
+    return own() if own is not None else cache_kwargs(model)
+
+
 def next_step(out) -> dict:
     """The keyword that feeds a forward's KV cache to the next one. Newer transformers 5.x name it
     `cache` (and deprecate `past_key_values`, to be removed), earlier 5.x only `past_key_values`."""
@@ -100,7 +107,7 @@ def time_generation(model, prompt: torch.Tensor, gen_len: int) -> Timing:
     kwargs = _prefill_kwargs(model)
     _sync(device)
     start = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, **cache_kwargs(model), **kwargs)
+    out = model(input_ids=ids, use_cache=True, **fresh_cache(model), **kwargs)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     first = time.perf_counter()
@@ -200,7 +207,7 @@ def _rss_figures() -> dict[str, int]:
 
 
 def _memory_child(spec: str, device: str, dtype: str, prompt: list[list[int]], gen_len: int, threads: int,
-                  head: str, replies) -> None:
+                  head: str, runtime: str, replies) -> None:
     try:
         torch.set_num_threads(threads)
         from transformers.utils import logging as hf_logging
@@ -210,14 +217,19 @@ def _memory_child(spec: str, device: str, dtype: str, prompt: list[list[int]], g
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
 
-        runtime = _rss_figures().get("VmRSS")
-        loaded = load_model(spec, device=device, dtype=dtype, tokenizer=False, head=head)
+        if runtime == "llama.cpp":
+            import llama_cpp  # noqa: F401 - part of the runtime, not of the model
+
+            from llmopt.bench.llamacpp import load_llamacpp
+        before = _rss_figures().get("VmRSS")
+        loaded = load_llamacpp(spec, len(prompt[0]) + gen_len, tokenizer=False) if runtime == "llama.cpp" else \
+            load_model(spec, device=device, dtype=dtype, tokenizer=False, head=head)
         dev = model_device(loaded.model)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
         time_generation(loaded.model, torch.tensor(prompt, dtype=torch.long), gen_len)
-        result: dict[str, Any] = {"runtime_rss_bytes": runtime, "peak_rss_bytes": _rss_figures().get("VmHWM")}
+        result: dict[str, Any] = {"runtime_rss_bytes": before, "peak_rss_bytes": _rss_figures().get("VmHWM")}
         if dev.type == "cuda":
             result["peak_cuda_allocated_bytes"] = int(torch.cuda.max_memory_allocated(dev))
         replies.put(("ok", result))
@@ -226,14 +238,16 @@ def _memory_child(spec: str, device: str, dtype: str, prompt: list[list[int]], g
 
 
 def peak_memory(spec: str, device: str, dtype: str, prompt: torch.Tensor, gen_len: int,
-                head: str = "full") -> dict[str, Any]:
+                head: str = "full", runtime: str = "transformers") -> dict[str, Any]:
     """Load `spec` in a fresh spawned process, generate once, and return its peak memory figures:
     `peak_rss_bytes` (whole process, CPU), `runtime_rss_bytes` (the process before loading the model:
-    Python, torch and transformers), and on CUDA `peak_cuda_allocated_bytes`."""
+    Python, torch and transformers, and llama.cpp for a GGUF file it runs: `runtime` "llama.cpp"), and on
+    CUDA `peak_cuda_allocated_bytes`."""
     ctx = multiprocessing.get_context("spawn")
     replies = ctx.Queue()
     proc = ctx.Process(target=_memory_child, daemon=True,
-                       args=(spec, device, dtype, prompt.tolist(), gen_len, torch.get_num_threads(), head, replies))
+                       args=(spec, device, dtype, prompt.tolist(), gen_len, torch.get_num_threads(), head, runtime,
+                             replies))
     proc.start()
     try:
         while True:

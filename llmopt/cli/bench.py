@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from llmopt.bench.llamacpp import GGUF_RUNTIME_HELP
 from llmopt.bench.report import FORCE_RULE, render_table
 from llmopt.bench.run import BenchOptions, bench as run_bench
 from llmopt.cli.common import DataDir, Device, Dtype, Head, Json, RichProgress, app, err_console, print_json
@@ -51,6 +52,7 @@ def bench(
     device: Device = D.device,
     dtype: Dtype = D.dtype,
     head: Head = D.head,
+    gguf_runtime: Annotated[str, typer.Option(help=GGUF_RUNTIME_HELP)] = D.gguf_runtime,
     json: Json = False,
 ) -> None:
     """Measure models side by side (one process, interleaved rounds, same data) and show deltas vs a baseline.
@@ -61,7 +63,7 @@ def bench(
                         seq_len=seq_len, ppl_windows=ppl_windows, prompt_len=prompt_len, gen_len=gen_len,
                         batch=batch, repeats=repeats, warmup=warmup, skip_quality=skip_quality,
                         skip_speed=skip_speed, memory=memory, device=device, dtype=dtype, head=head, seed=seed, csv=csv,
-                        plot=plot, force=force)
+                        plot=plot, force=force, gguf_runtime=gguf_runtime)
     report = run_bench(opts, RichProgress(not json))
     if json:
         print_json(report)

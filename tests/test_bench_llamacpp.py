@@ -1,0 +1,153 @@
+"""`llmopt bench --gguf-runtime`: a GGUF file timed and scored through llama.cpp beside the Hugging Face
+model it was exported from, in one run. The tests that run llama.cpp skip when llama-cpp-python (the
+optional `llamacpp` extra) is not installed; the option's checks run everywhere."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from llmopt.bench.llamacpp import LlamaCppLM, load_llamacpp
+from llmopt.bench.report import render_table
+from llmopt.export import ExportOptions, export
+
+ARGS = ["--ppl-data", "builtin", "--seq-len", "96", "--ppl-windows", "3", "--prompt-len", "32", "--gen-len", "8",
+        "--repeats", "2", "--warmup", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """conftest's byte-level BPE with SmolLM2's special tokens: `<|endoftext|>` first. transformers adds
+    `<|endoftext|>` to a byte-level vocabulary it reads back from a GGUF file when the vocabulary lacks it,
+    so only with it does the tokenizer of the export have the vocabulary of the original."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(topics.values()), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|endoftext|>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture
+def exported(tiny_model_dir, tmp_path):
+    """A tiny random LLaMA and its f16 GGUF export."""
+    src = tiny_model_dir("llama")
+    out = tmp_path / "tiny-f16.gguf"
+    export(ExportOptions(model=str(src), output=str(out), type="f16"))
+    return src, out
+
+
+@pytest.fixture
+def no_llama_cpp(monkeypatch):
+    """llama-cpp-python as if not installed: find_spec says None and `import llama_cpp` fails."""
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+
+
+def needs_llama_cpp():
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the optional llamacpp extra) is not installed")
+
+
+def _bench_json(cli, *args) -> dict:
+    code, out, err = cli("bench", *map(str, args), *ARGS, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+# ----------------------------------------------------------------------------- the option's bad input
+
+def test_unknown_gguf_runtime_exits_2_and_writes_nothing(cli, tmp_path, exported):
+    src, gguf = exported
+    csv = tmp_path / "t.csv"
+    code, out, err = cli("bench", src, gguf, *ARGS, "--gguf-runtime", "vllm", "--csv", csv)
+    assert code == 2, err
+    assert "--gguf-runtime 'vllm' is not one of auto, llama.cpp, transformers" in " ".join(err.split())
+    assert out == "" and not csv.exists() and not list(tmp_path.glob(".t.csv*"))
+
+
+def test_llama_cpp_requested_but_missing_exits_2_before_loading(cli, tmp_path, exported, no_llama_cpp,
+                                                                monkeypatch):
+    src, gguf = exported
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the option was checked")
+
+    monkeypatch.setattr("llmopt.bench.run.load_model", refuse)
+    monkeypatch.setattr("llmopt.bench.run.load_llamacpp", refuse)
+    csv = tmp_path / "t.csv"
+    code, _, err = cli("bench", src, gguf, *ARGS, "--gguf-runtime", "llama.cpp", "--csv", csv)
+    assert code == 2, err
+    text = " ".join(err.split())
+    assert "--gguf-runtime llama.cpp needs the 'llama_cpp' package" in text
+    assert "pip install 'llmopt[llamacpp]'" in text and len(err.strip().splitlines()) == 1
+    assert not csv.exists()
+
+
+def test_auto_without_llama_cpp_runs_the_gguf_through_transformers(cli, exported, no_llama_cpp):
+    src, gguf = exported
+    report = _bench_json(cli, src, gguf, "--no-memory")
+    assert report["method"]["gguf_runtime"] == "transformers" and report["method"]["llama_cpp"] is None
+    assert [m["runtime"] for m in report["models"]] == ["transformers", "transformers"]
+
+
+def test_batch_is_refused_through_llama_cpp(cli, exported):
+    needs_llama_cpp()
+    src, gguf = exported
+    code, _, err = cli("bench", src, gguf, *ARGS, "--gguf-runtime", "llama.cpp", "--batch", "2")
+    assert code == 2 and "--batch is not measured through llama.cpp" in " ".join(err.split())
+
+
+# ----------------------------------------------------------------------------- through llama.cpp
+
+def test_llama_cpp_beside_hf_scores_the_same_and_is_timed(cli, exported):
+    needs_llama_cpp()
+    src, gguf = exported
+    report = _bench_json(cli, src, gguf, "--gguf-runtime", "llama.cpp")
+    hf, lc = report["models"]
+    assert (hf["runtime"], lc["runtime"]) == ("transformers", "llama.cpp")
+    assert report["method"]["llama_cpp"]["threads"] == torch.get_num_threads() == report["method"]["torch_threads"]
+    assert lc["same_tokenizer_as_baseline"] is True
+    m, base = lc["metrics"], hf["metrics"]
+    # f16 weights against float32: the same windows give the same perplexity to f16 rounding
+    assert m["ppl_tokens"] == base["ppl_tokens"]
+    assert m["perplexity"] == pytest.approx(base["perplexity"], rel=2e-4)
+    assert 0 <= m["kl_vs_baseline"] < 1e-5 and m["top1_agreement_pct"] > 99
+    for k in ("ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "runtime_rss_bytes"):
+        assert m[k] is not None and m[k] > 0, k
+    assert len(lc["timings"]["decode_tok_s"]["rounds"]) == 2
+    # weights: the file's f16 tensors, half the float32 model's bytes, less than the file
+    assert m["parameters"] == base["parameters"]
+    assert m["weight_bytes"] == pytest.approx(base["weight_bytes"] / 2, rel=0.01) and m["weight_bytes"] < m["disk_bytes"]
+    assert m["disk_bytes"] == gguf.stat().st_size
+    rendered = render_table(report)
+    caption = str(rendered.caption)
+    assert "llama.cpp" in caption and "transformers for" in caption
+    assert any("on llama.cpp" in str(c) for c in rendered.columns[0]._cells)
+
+
+def test_decode_continues_llama_cpp_state_and_prefill_starts_over(exported):
+    """Token by token through the cache gives the logits of one whole-window evaluation; a new prefill
+    forgets the old sequence; a state that is not the current one is refused."""
+    needs_llama_cpp()
+    _, gguf = exported
+    model = load_llamacpp(gguf, 64, tokenizer=False, threads=1).model
+    assert isinstance(model, LlamaCppLM)
+    ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0))
+    full = model(ids).logits[0]
+    assert full.shape == (24, model.n_vocab)
+    other = model(input_ids=torch.randint(3, 500, (1, 16)), use_cache=True, past_key_values=None, logits_to_keep=1)
+    out = model(input_ids=ids[:, :16], use_cache=True, past_key_values=None, logits_to_keep=1)
+    assert out.logits.shape == (1, 1, model.n_vocab)
+    torch.testing.assert_close(out.logits[0, 0], full[15], atol=2e-3, rtol=0)
+    for t in range(16, 24):
+        out = model(input_ids=ids[:, t:t + 1], use_cache=True, past_key_values=out.past_key_values)
+        torch.testing.assert_close(out.logits[0, -1], full[t], atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="not the one its KV cache holds"):
+        model(input_ids=ids[:, :1], use_cache=True, past_key_values=other.past_key_values)
