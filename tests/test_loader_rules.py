@@ -15,8 +15,9 @@ they check, written from their behaviour and code rather than from llmopt's pack
 - qweight / qzeros / scales / g_idx have the shapes and dtypes the loaders allocate before copying;
 - codes are packed LSB first along the input dimension (qweight) and the output dimension (qzeros),
   classic `gptq` zeros stored minus one: unpacked that way they give back the source weights;
-- a decoder Linear left unquantized is excluded through `dynamic` ("-:" regex), the only way GPTQModel
-  and transformers know to keep it a plain Linear.
+- a decoder Linear left unquantized is excluded through `dynamic` ("-:" regex: GPTQModel) and through
+  `modules_in_block_to_quantize` (transformers via optimum: a Linear of the blocks is quantized when its
+  full name ends with a listed name), the ways these loaders know to keep it a plain Linear.
 
 The models are tiny LLaMA / Qwen2 configs whose widths (64, 96, 160) are not multiples of the default
 group size 128.
@@ -72,7 +73,9 @@ def check_loader_rules(src: Path, out: Path) -> dict:
     qcfg = cfg["quantization_config"]
     assert CONFIG_KEYS <= set(qcfg) and qcfg["quant_method"] == "gptq" and qcfg["pack_dtype"] == "int32"
     assert json.loads((out / "quantize_config.json").read_text()) == qcfg
-    parsed = GPTQConfig.from_dict(qcfg)                                    # raises on what transformers refuses
+    # raises on what transformers refuses; it checks optimum's version when modules_in_block_to_quantize
+    # is set (GPTQ loading needs optimum anyway), and CI has no optimum: that key is checked below
+    parsed = GPTQConfig.from_dict({k: v for k, v in qcfg.items() if k != "modules_in_block_to_quantize"})
     assert (parsed.bits, parsed.group_size, parsed.format) == (qcfg["bits"], qcfg["group_size"],
                                                                 qcfg["checkpoint_format"])
     assert qcfg["checkpoint_format"] == qcfg["format"] == ("gptq" if qcfg["sym"] else "gptq_v2")
@@ -80,8 +83,10 @@ def check_loader_rules(src: Path, out: Path) -> dict:
     source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     tensors = load_file(out / "model.safetensors")
     linears = {n: m for n, m in source.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    listed = sum(qcfg.get("modules_in_block_to_quantize") or [], [])
     for name, lin in linears.items():
         grid = _grid(qcfg, name)
+        assert not listed or (grid is not None) == any(name.endswith(n) for n in listed), name   # optimum's rule
         if grid is None:                                                   # excluded: a plain Linear
             assert f"{name}.weight" in tensors and f"{name}.qweight" not in tensors, name
             continue
@@ -124,6 +129,7 @@ CASES = {
     "llama int8": ("llama", {}, dict(method="int8")),
     "qwen2 rtn 4-bit per channel": ("qwen2", {}, dict(method="rtn", group_size=-1)),     # widths 64 / 128
     "llama rtn skip down_proj": ("llama", {}, dict(method="rtn", skip=["down_proj"])),
+    "llama rtn skip one layer's down_proj": ("llama", {}, dict(method="rtn", skip=["model.layers.1.mlp.down_proj"])),
     "llama gptq 8-bit lm_head": ("llama", {}, dict(bits=8, lm_head=True)),
 }
 
@@ -138,10 +144,17 @@ def test_written_checkpoints_follow_the_loaders_rules(case, tiny_model_dir, tmp_
     if kw.get("method") != "int8" and kw.get("group_size") != -1:
         # widths 64/160 (llama), 64/128 (qwen2), 96/256: the largest power of two up to 128 dividing all;
         # skipping down_proj (160) leaves llama's 64
-        expected = {"llama": 64 if "skip" in kw else 32, "qwen2": 32 if shape else 64}[arch]
+        expected = {"llama": 64 if kw.get("skip") == ["down_proj"] else 32, "qwen2": 32 if shape else 64}[arch]
         assert qcfg["group_size"] == expected
-    if "skip" in kw:
+    if kw.get("skip") == ["down_proj"]:
         assert set(qcfg["dynamic"]) == {f"-:^model[.]layers[.]{i}[.]mlp[.]down_proj$" for i in range(3)}
+        assert qcfg["modules_in_block_to_quantize"] == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"]]
+    elif "skip" in kw:        # not the same in every block: full names, which match nothing else
+        listed = qcfg["modules_in_block_to_quantize"][0]
+        assert len(listed) == 3 * 7 - 1 and all(n.startswith("model.layers.") for n in listed)
+    else:
+        assert "modules_in_block_to_quantize" not in qcfg
 
 
 def test_group_size_change_is_said_once_and_recorded(tiny_model_dir, tmp_path, cli):
@@ -184,14 +197,14 @@ def test_4bit_per_channel_on_widths_the_int4_cpu_kernel_refuses_exits_2(tiny_mod
     assert not out.exists() and not list(tmp_path.glob(".q*"))
 
 
-@pytest.mark.parametrize("flags", [["--skip", "down_proj"], ["--lm-head"]])
-def test_what_transformers_cannot_read_is_said(flags, tiny_model_dir, tmp_path, cli):
-    """transformers ignores `dynamic` and a quantized head (benchmarks/interop_gptqmodel.py): one note."""
-    code, _, err = cli("quantize", tiny_model_dir("llama"), "-o", tmp_path / "q", "--method", "rtn", *flags)
+def test_what_transformers_cannot_read_is_said(tiny_model_dir, tmp_path, cli):
+    """transformers does not read a quantized head (benchmarks/interop_gptqmodel.py): one note."""
+    code, _, err = cli("quantize", tiny_model_dir("llama"), "-o", tmp_path / "q", "--method", "rtn", "--lm-head")
     text = " ".join(err.split())
     assert code == 0 and text.count("not in transformers' from_pretrained") == 1, err
 
 
-def test_a_plain_checkpoint_has_no_loader_note(tiny_model_dir, tmp_path, cli):
-    code, _, err = cli("quantize", tiny_model_dir("llama"), "-o", tmp_path / "q", "--method", "rtn")
+@pytest.mark.parametrize("flags", [[], ["--skip", "down_proj"]])    # kept Linears: modules_in_block_to_quantize
+def test_a_checkpoint_transformers_reads_has_no_loader_note(flags, tiny_model_dir, tmp_path, cli):
+    code, _, err = cli("quantize", tiny_model_dir("llama"), "-o", tmp_path / "q", "--method", "rtn", *flags)
     assert code == 0 and "from_pretrained" not in err, err

@@ -145,10 +145,12 @@ def _calibration(opts: QuantizeOptions, path: Path) -> tuple[torch.Tensor, str]:
 
 
 def quantization_config(opts: QuantizeOptions, spec: QuantSpec, fmt: str, skipped_modules: list[str],
-                        head: str | None = None, tied: bool = False) -> dict:
+                        head: str | None = None, tied: bool = False,
+                        in_block: list[list[str]] | None = None) -> dict:
     """GPTQModel's keys; a head on another grid gets a positive `dynamic` override (GPTQModel's own
     convention for its lm_head); `meta.tied_embeddings` says the written embeddings were the head's own
-    weight (the config is untied so that loaders keep them apart; llmopt's runtime serves them from it)."""
+    weight (the config is untied so that loaders keep them apart; llmopt's runtime serves them from it).
+    `in_block` (see `modules_in_block`) is written when decoder Linears are kept in full precision."""
     from llmopt import __version__
 
     config = {
@@ -177,7 +179,25 @@ def quantization_config(opts: QuantizeOptions, spec: QuantSpec, fmt: str, skippe
     dynamic.update({f"-:^{name.replace('.', '[.]')}$": {} for name in skipped_modules})
     if dynamic:
         config["dynamic"] = dynamic
+    if skipped_modules and in_block:
+        config["modules_in_block_to_quantize"] = in_block
     return config
+
+
+def modules_in_block(prefix: str, quantized: list[str]) -> list[list[str]]:
+    """`modules_in_block_to_quantize`, the key transformers' GPTQ loading (through optimum) reads to leave
+    Linears of the decoder blocks unquantized: it keeps a Linear when its full name ends with a listed
+    name. Names inside a block ("self_attn.q_proj") when every block quantizes the same ones, else the
+    full names of the quantized Linears, which match nothing else."""
+    rel = [n[len(prefix) + 1:] for n in quantized if n.startswith(prefix + ".")]
+    blocks: dict[str, list[str]] = {}
+    for name in rel:
+        index, _, inner = name.partition(".")
+        blocks.setdefault(index, []).append(inner)
+    sets = {tuple(sorted(v)) for v in blocks.values()}
+    if len(sets) == 1:
+        return [list(dict.fromkeys(next(iter(blocks.values()))))]
+    return [[f"{prefix}.{n}" for n in rel]]
 
 
 def _state_dict(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype
@@ -259,16 +279,13 @@ def fit_group_size(requested: int, widths: dict[str, int]) -> tuple[int, str | N
     return group, min(widths, key=lambda n: widths[n] & -widths[n])     # the fewest factors of two
 
 
-def _loader_note(kept: list[str], head: str | None, progress: Progress) -> None:
+def _loader_note(head: str | None, progress: Progress) -> None:
     """What transformers' from_pretrained cannot read (measured with transformers 5.24 and GPTQModel
-    7.7.0: benchmarks/interop_gptqmodel.py): it ignores `dynamic`, so it expects kept decoder Linears
-    quantized, and it does not read a quantized output head; GPTQModel and llmopt read both."""
-    what = [f"{len(kept)} decoder Linear layers kept in full precision" if kept else "",
-            "the quantized output head" if head else ""]
-    what = " and ".join(w for w in what if w)
-    if what:
-        progress.note(f"{what}: this checkpoint loads in llmopt and GPTQModel, not in transformers' "
-                      f"from_pretrained (it ignores quantization_config.dynamic and a quantized head)")
+    7.7.0: benchmarks/interop_gptqmodel.py): a quantized output head; GPTQModel and llmopt read it.
+    (Kept decoder Linears it reads, through `modules_in_block_to_quantize`.)"""
+    if head:
+        progress.note("the quantized output head: this checkpoint loads in llmopt and GPTQModel, not in "
+                      "transformers' from_pretrained (it does not read a quantized head)")
 
 
 INT4_CPU_GROUPS = (32, 64, 128, 256)      # torch's _weight_int4pack_mm_cpu: GPTQModel's default 4-bit CPU kernel
@@ -376,8 +393,10 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
                                          head_spec(spec).bits if q.name == head else spec.bits, fmt) for q in done}
     quantized_names = {q.name for q in done}
     kept = [f"{prefix}.{n}" for n in _linear_names(layers) if f"{prefix}.{n}" not in quantized_names]
-    qconfig = quantization_config(opts, spec, fmt, kept, head=head, tied=tied)
-    _loader_note(kept, head, progress)
+    in_block = modules_in_block(prefix, [f"{prefix}.{n}" for n in _linear_names(layers)
+                                         if f"{prefix}.{n}" in quantized_names])
+    qconfig = quantization_config(opts, spec, fmt, kept, head=head, tied=tied, in_block=in_block)
+    _loader_note(head, progress)
     tensors = _state_dict(model, packed, out_dtype)
 
     rows = _layer_rows(done)
