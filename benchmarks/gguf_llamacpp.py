@@ -38,10 +38,10 @@ PROMPT = "The capital of France is"
 
 
 def _llama(path: Path, ctx: int, threads: int):
-    from llama_cpp import Llama
+    """The file in llama.cpp behind the forward `llmopt bench` calls (`llmopt.bench.llamacpp.LlamaCppLM`)."""
+    from llmopt.bench.llamacpp import load_llamacpp
 
-    return Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, n_threads=threads,
-                 n_threads_batch=threads, verbose=False)
+    return load_llamacpp(path, ctx, tokenizer=False, threads=threads).model
 
 
 def _reference_quantize(f16: Path, out: Path, ftype: str) -> None:
@@ -49,7 +49,8 @@ def _reference_quantize(f16: Path, out: Path, ftype: str) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}[ftype]
+    params.ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1,
+                    "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[ftype]
     params.nthread = 2
     if llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params) != 0:
         raise SystemExit(f"llama.cpp could not quantize {f16}")
@@ -72,13 +73,14 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _logprobs(llm, window: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(window)
-    return _log_softmax(np.asarray(llm.scores[: len(window)]))
+    """Every position's log-probabilities, the window evaluated from an empty KV cache."""
+    import torch
+
+    return _log_softmax(llm(torch.tensor([window])).logits[0].numpy())
 
 
 def _generate(llm) -> str:
-    out = llm(PROMPT, max_tokens=12, temperature=0.0, top_k=1)
+    out = llm.llm(PROMPT, max_tokens=12, temperature=0.0, top_k=1)
     return out["choices"][0]["text"]
 
 
@@ -105,7 +107,7 @@ def evaluate(files: dict[str, Path], reference: str, windows, ctx: int, threads:
         results[label] = {"file": str(files[label]), "bytes": files[label].stat().st_size,
                           "ppl": math.exp(s["nll"] / s["n"]), "kl": s["kl"] / s["n"], "top1": s["top1"] / s["n"],
                           "generated": _generate(llm), "scored_tokens": s["n"],
-                          "tokenizer_matches_hf": llm.tokenize(sample.encode(), add_bos=False, special=False) == hf_ids}
+                          "tokenizer_matches_hf": llm.llm.tokenize(sample.encode(), add_bos=False, special=False) == hf_ids}
         print(f"{label}: {json.dumps(results[label])}", file=sys.stderr, flush=True)
     return results
 
