@@ -151,3 +151,17 @@ def test_decode_continues_llama_cpp_state_and_prefill_starts_over(exported):
         torch.testing.assert_close(out.logits[0, -1], full[t], atol=2e-3, rtol=0)
     with pytest.raises(ValueError, match="not the one its KV cache holds"):
         model(input_ids=ids[:, :1], use_cache=True, past_key_values=other.past_key_values)
+
+
+def test_a_recipe_bench_step_takes_the_option_and_refuses_a_bad_value(cli, tmp_path, tiny_model_dir):
+    """Recipes build BenchOptions from the same field: a good value plans, a bad one stops the dry run."""
+    src = tiny_model_dir("llama")
+    for value, code_wanted in (("transformers", 0), ("vllm", 2)):
+        r = tmp_path / f"{value}.yaml"
+        r.write_text(f"model: {src}\nout: {tmp_path}/out-{value}\nsteps:\n"
+                     f"  - bench: {{ppl_data: builtin, gguf_runtime: {value}}}\n")
+        code, _, err = cli("run", r, "--dry-run")
+        assert code == code_wanted, err
+        if code_wanted:
+            assert "--gguf-runtime 'vllm' is not one of" in " ".join(err.split())
+    assert not (tmp_path / "out-vllm").exists()
