@@ -8,8 +8,8 @@ reused when OUT already holds it), then two `llmopt bench` runs, each one proces
 rounds: against the float32 original (with quality: perplexity, KL, top-1 agreement) and against the
 bfloat16 original (`--dtype bfloat16`: every model's unquantized tensors and activations in bf16;
 speed only). Both with `--head auto` (the runtime's default: the full-precision head served as int8
-on CPU); the float32 run is repeated with `--head full` (a second bench run, ratios against its own
-baseline), so the head's share in speed and quality is visible. Then the greedy continuation of the README's prompt from both models.
+on CPU); the float32 run is repeated for each of `--heads` (default `full` and `int4`: one bench run
+each, ratios against its own baseline), so the head's share in speed, memory and quality is visible. Then the greedy continuation of the README's prompt from both models.
 Prints one markdown table per model; the full bench reports go to OUT/<model>-<dtype>.json.
 """
 
@@ -44,17 +44,18 @@ def quantize(model: str, out: Path, nsamples: int, seq_len: int) -> Path:
 
 
 def bench_pair(model: str, quantized: Path, dtype: str, args, quality: bool) -> dict:
-    """One interleaved run: the original, the quantized model as llmopt serves it, and (a second entry,
-    other --head) the quantized model with its head as stored."""
+    """One interleaved run: the original and the quantized model as llmopt serves it; then, per other
+    --head, one more run whose quantized row is appended."""
     opts = BenchOptions(models=[str(quantized)], baseline=model, dtype=dtype, device="cpu", head="auto",
                         seq_len=args.seq_len, ppl_windows=args.ppl_windows, prompt_len=args.prompt_len,
                         gen_len=args.gen_len, repeats=args.repeats, skip_quality=not quality, memory=False)
     report = bench(opts)
     if dtype != "float32":
         return report
-    full = bench(BenchOptions(**{**opts.__dict__, "head": "full"}))
-    # the second run gives the stored-head row; its ratios are against its own baseline, as in the first
-    report["models"].append({**full["models"][1], "name": f"{quantized} (--head full)"})
+    for head in args.heads:
+        other = bench(BenchOptions(**{**opts.__dict__, "head": head}))
+        # a run of its own per other head; its ratios are against its own baseline, as in the first
+        report["models"].append({**other["models"][1], "name": f"{quantized} (--head {head})"})
     return report
 
 
@@ -106,6 +107,8 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--heads", nargs="*", default=["full", "int4"],
+                    help="other --head values, each a float32 bench run of its own beside the auto one")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +122,7 @@ def main() -> None:
             (out / f"{model}-{dtype}.json").write_text(json.dumps(report, indent=2) + "\n")
             table(report)
         print(f"\ngreedy, 40 tokens after {PROMPT!r}:")
-        for spec, head in ((model, "full"), (str(quantized), "auto"), (str(quantized), "full")):
+        for spec, head in ((model, "full"), (str(quantized), "auto"), *((str(quantized), h) for h in args.heads)):
             print(f"- {spec} (--head {head}): {greedy(spec, head)!r}")
 
 
