@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from llmopt.checkpoint import atomic_output, check_output, provenance, write_provenance
-from llmopt.data import Windows, bos_id, check_source, cut_eval, load_text, resolve_auto, text_per_window, \
+from llmopt.data import Text, Windows, bos_id, check_source, cut_eval, load_text, resolve_auto, text_per_window, \
     tokenize, tokenize_corpus
 from llmopt.distill.losses import LOSSES
-from llmopt.distill.loop import LoopConfig, train
+from llmopt.distill.loop import LoopConfig, Result, train
 from llmopt.errors import UserError, require
 from llmopt.info import count_parameters
-from llmopt.models import Source, load_model, local_dir, parse_device, parse_dtype, quant_method, read_config
+from llmopt.models import LoadedModel, Source, load_model, local_dir, parse_device, parse_dtype, quant_method, \
+    read_config
 from llmopt.progress import SILENT, Progress
 
 
@@ -167,16 +170,22 @@ def _placement(accelerator) -> str:
     return dev.type
 
 
-def distill(opts: DistillOptions, progress: Progress = SILENT) -> dict:
-    """Run `llmopt distill`; returns the JSON-able summary also written to llmopt.json.
+@dataclass
+class _Inputs:
+    """What is checked before any weights load: a bad pair or too little text fails in seconds."""
+    student_config: dict | None
+    text: Text
+    teacher_tok: Any                    # None when the teacher's tokenizer comes only with its weights
+    student_tok: Any
+    windows: tuple[torch.Tensor, Windows] | None   # cut with student_tok when there is one
 
-    When Ctrl-C stops training, the best checkpoint so far is still written (atomically) and the
-    summary says `"stopped": "interrupted"`.
-    """
-    started = time.time()
-    opts.validate()
-    out = check_output(opts.output, opts.force)
 
+def _cut(opts: DistillOptions, tokenizer, text: Text) -> tuple[torch.Tensor, Windows]:
+    return training_windows(tokenizer, text.text, opts.seq_len, opts.eval_windows, opts.batch_size)
+
+
+def _check_inputs(opts: DistillOptions, progress: Progress) -> _Inputs:
+    """Configs, training text and tokenizers of both sides, compared before the (slow) weights load."""
     t_src = local_dir(opts.teacher, progress)
     s_src = local_dir(opts.student, progress)
     t_raw, s_raw = _raw_config(t_src), _raw_config(s_src)
@@ -190,52 +199,53 @@ def distill(opts: DistillOptions, progress: Progress = SILENT) -> dict:
     t_tok, s_tok = _tokenizer(t_src), _tokenizer(s_src)
     if t_tok is not None and s_tok is not None:
         check_tokenizers(t_tok, s_tok, text.text)
-    cut = lambda tok: training_windows(tok, text.text, opts.seq_len, opts.eval_windows, opts.batch_size)  # noqa: E731
-    windows = cut(s_tok) if s_tok is not None else None          # too little text fails before any weights
+    windows = _cut(opts, s_tok, text) if s_tok is not None else None   # too little text fails before any weights
+    return _Inputs(s_raw, text, t_tok, s_tok, windows)
 
-    accelerator = _accelerator(parse_device(opts.device))
-    if not accelerator.is_main_process:
-        progress = SILENT
-    from accelerate.utils import set_seed
 
-    set_seed(opts.seed)
-    where = _placement(accelerator)
-    saved_dtype = (s_raw or {}).get("dtype") or (s_raw or {}).get("torch_dtype") or "float32"
+def _load_pair(opts: DistillOptions, inputs: _Inputs, where: str, progress: Progress
+               ) -> tuple[LoadedModel, LoadedModel]:
+    """Teacher (in --dtype) and float32 student, with the checks only loaded models allow (hub / gguf sources)."""
     teacher = load_model(opts.teacher, device=where, dtype=opts.dtype, progress=progress)
     student = load_model(opts.student, device=where, dtype="float32", progress=progress)
     if getattr(student.model.config, "quantization_config", None) is not None:   # hub / gguf students
         _refuse_quantized(student.model.config.to_dict(), opts.student)
-    if t_tok is None or s_tok is None:
-        check_tokenizers(teacher.tokenizer, student.tokenizer, text.text)
-    tok = student.tokenizer
-    _check_vocab(teacher.model, tok, "teacher")
-    _check_vocab(student.model, tok, "student")
+    if inputs.teacher_tok is None or inputs.student_tok is None:
+        check_tokenizers(teacher.tokenizer, student.tokenizer, inputs.text.text)
+    _check_vocab(teacher.model, student.tokenizer, "teacher")
+    _check_vocab(student.model, student.tokenizer, "student")
     if opts.hidden_mse > 0 and teacher.model.config.get_text_config().hidden_size != \
             student.model.config.get_text_config().hidden_size:
         raise UserError("--hidden-mse needs equal hidden sizes in teacher and student",
                         hint="drop --hidden-mse")
+    return teacher, student
 
-    train_ids, held_out = windows if windows is not None else cut(tok)
-    model = student.model
+
+def _trainable(model, gradient_checkpointing: bool):
+    """The student in training mode; no KV cache, which training never reads."""
     model.config.use_cache = False
-    if opts.gradient_checkpointing:
+    if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):     # the transformers >= 5.x name
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    return model
 
-    cfg = LoopConfig(steps=opts.steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.lr,
-                     warmup_steps=opts.warmup_steps, max_grad_norm=opts.max_grad_norm, loss=opts.loss,
-                     temperature=opts.temperature, beta=opts.beta, alpha_ce=opts.alpha_ce,
-                     hidden_mse=opts.hidden_mse, eval_every=opts.eval_every, max_minutes=opts.max_minutes,
-                     seed=opts.seed)
-    result = train(model, teacher.model, train_ids, held_out, cfg, accelerator, progress)
 
-    before = result.curve[0]["ppl"]
-    metrics = {
+def _loop_config(opts: DistillOptions) -> LoopConfig:
+    return LoopConfig(steps=opts.steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.lr,
+                      warmup_steps=opts.warmup_steps, max_grad_norm=opts.max_grad_norm, loss=opts.loss,
+                      temperature=opts.temperature, beta=opts.beta, alpha_ce=opts.alpha_ce,
+                      hidden_mse=opts.hidden_mse, eval_every=opts.eval_every, max_minutes=opts.max_minutes,
+                      seed=opts.seed)
+
+
+def _metrics(opts: DistillOptions, result: Result, held_out: Windows, processes: int, student, teacher) -> dict:
+    """The numbers recorded in llmopt.json and returned in the summary."""
+    return {
         "teacher_heldout_ppl": round(result.teacher_ppl, 4),
-        "student_heldout_ppl_before": before,
+        "student_heldout_ppl_before": result.curve[0]["ppl"],
         "student_heldout_ppl_best": round(result.best_ppl, 4),
         "best_step": result.best_step,
         "steps_done": result.steps_done,
@@ -243,29 +253,68 @@ def distill(opts: DistillOptions, progress: Progress = SILENT) -> dict:
         "stopped": result.stopped,
         "tokens_trained": result.tokens,
         "train_seconds": result.train_seconds,
-        "processes": accelerator.num_processes,
+        "processes": processes,
         "heldout": f"last {opts.eval_windows} windows of {opts.seq_len} tokens of the training text"
                    + (" (BOS first, its prediction not scored)" if held_out.bos else ""),
         "bos_per_window": held_out.bos,
         "curve": result.curve,
-        "student_parameters": count_parameters(model),
-        "teacher_parameters": count_parameters(teacher.model),
+        "student_parameters": count_parameters(student),
+        "teacher_parameters": count_parameters(teacher),
     }
+
+
+def _restore_best(bare, best_state: dict, saved_dtype: str, gradient_checkpointing: bool):
+    """The best weights, with inference settings and the student's saved dtype, ready to be written."""
+    bare.load_state_dict(best_state)
+    if gradient_checkpointing:
+        (getattr(bare, "activation_checkpointing_disable", None) or bare.gradient_checkpointing_disable)()
+    bare.config.use_cache = True
+    bare.to(getattr(torch, str(saved_dtype).replace("torch.", ""), torch.float32)).eval()
+    return bare
+
+
+def _write(out: Path, force: bool, model, tokenizer, record: dict) -> None:
+    """Weights, tokenizer and llmopt.json, atomically."""
+    with atomic_output(out, force) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_provenance(tmp, record)
+
+
+def distill(opts: DistillOptions, progress: Progress = SILENT) -> dict:
+    """Run `llmopt distill`; returns the JSON-able summary also written to llmopt.json.
+
+    When Ctrl-C stops training, the best checkpoint so far is still written (atomically) and the
+    summary says `"stopped": "interrupted"`.
+    """
+    started = time.time()
+    opts.validate()
+    out = check_output(opts.output, opts.force)
+    inputs = _check_inputs(opts, progress)
+
+    accelerator = _accelerator(parse_device(opts.device))
+    if not accelerator.is_main_process:
+        progress = SILENT
+    from accelerate.utils import set_seed
+
+    set_seed(opts.seed)
+    s_raw = inputs.student_config or {}
+    saved_dtype = s_raw.get("dtype") or s_raw.get("torch_dtype") or "float32"
+    teacher, student = _load_pair(opts, inputs, _placement(accelerator), progress)
+    tok = student.tokenizer
+    train_ids, held_out = inputs.windows if inputs.windows is not None else _cut(opts, tok, inputs.text)
+    model = _trainable(student.model, opts.gradient_checkpointing)
+    result = train(model, teacher.model, train_ids, held_out, _loop_config(opts), accelerator, progress)
+
+    metrics = _metrics(opts, result, held_out, accelerator.num_processes, model, teacher.model)
     summary = {"output": str(out), "teacher": opts.teacher, "student": opts.student, **metrics,
-               "data": text.description, "train_sequences": len(train_ids)}
+               "data": inputs.text.description, "train_sequences": len(train_ids)}
     if accelerator.is_main_process:
-        bare = accelerator.unwrap_model(model)
-        bare.load_state_dict(result.best_state)
-        if opts.gradient_checkpointing:
-            (getattr(bare, "activation_checkpointing_disable", None) or bare.gradient_checkpointing_disable)()
-        bare.config.use_cache = True
-        bare.to(getattr(torch, str(saved_dtype).replace("torch.", ""), torch.float32)).eval()
+        bare = _restore_best(accelerator.unwrap_model(model), result.best_state, saved_dtype,
+                             opts.gradient_checkpointing)
         record = provenance("distill", opts.student, opts, started, metrics, teacher=opts.teacher,
-                            data=text.description)
-        with atomic_output(out, opts.force) as tmp:
-            bare.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            write_provenance(tmp, record)
+                            data=inputs.text.description)
+        _write(out, opts.force, bare, tok, record)
         summary["wall_time_s"] = record["wall_time_s"]
         if result.stopped == "interrupted":
             progress.note(f"interrupted after {result.steps_done} steps: saved the best checkpoint so far "
