@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -99,22 +100,12 @@ def _snapshot(accelerator, model) -> dict | None:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
-def train(student, teacher, train_chunks: torch.Tensor, eval_windows: Windows | torch.Tensor, cfg: LoopConfig,
-          accelerator, progress: Progress = SILENT) -> Result:
-    """Distill `teacher` into `student` (already placed on accelerator.device); returns the curve and
-    the best weights. The student is left with its last weights, not the best ones. Held-out windows
-    are scored by bench's `window_nll` (a BOS window from its first text token on); the training loss
-    covers every position, the prediction from the BOS included."""
-    started = time.monotonic()
-    result = Result(steps_done=0, stopped="completed")
-    need_hidden = cfg.hidden_mse > 0
-    teacher.eval().requires_grad_(False)
+_Evaluate = Callable[[int, float | None, Progress], None]
 
-    result.teacher_ppl = math.exp(window_nll(teacher, eval_windows, progress, "Teacher held-out perplexity")
-                                  .mean().item())
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    model, optimizer = accelerator.prepare(student, optimizer)
+def _evaluator(accelerator, model, eval_windows: Windows | torch.Tensor, result: Result, total: int,
+               started: float, progress: Progress) -> _Evaluate:
+    """Scores the student on the held-out windows, appends a curve row, and keeps the best state so far."""
     bare = accelerator.unwrap_model(model)
 
     def evaluate(step: int, train_loss: float | None, show: Progress) -> None:
@@ -127,63 +118,102 @@ def train(student, teacher, train_chunks: torch.Tensor, eval_windows: Windows | 
             result.best_state = _snapshot(accelerator, model)
         result.curve.append({"step": step, "ppl": round(ppl, 4), "train_loss": train_loss,
                              "tokens": result.tokens, "elapsed_s": round(time.monotonic() - started, 1)})
-        where = f"step {step}/{cfg.steps}" if step else "before training"
+        where = f"step {step}/{total}" if step else "before training"
         progress.note(f"{where}: held-out perplexity {ppl:.3f} (teacher {result.teacher_ppl:.3f})"
                       + ("  best so far" if best and step else ""))
 
+    return evaluate
+
+
+def _accumulate(model, teacher, data, cfg: LoopConfig, accelerator) -> dict[str, float]:
+    """Forward and backward over `grad_accum` micro-batches; gradients sync between processes only on
+    the last one. Returns each loss term averaged over the micro-batches."""
+    need_hidden = cfg.hidden_mse > 0
+    step_terms: dict[str, float] = {}
+    for micro in range(cfg.grad_accum):
+        ids = next(data).to(accelerator.device)
+        last = micro == cfg.grad_accum - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            with torch.no_grad():
+                t_out = teacher(ids, output_hidden_states=need_hidden, use_cache=False)
+            s_out = model(ids, output_hidden_states=need_hidden, use_cache=False)
+            terms = combined(s_out.logits, t_out.logits, ids, kind=cfg.loss, temperature=cfg.temperature,
+                             beta=cfg.beta, alpha_ce=cfg.alpha_ce, hidden_weight=cfg.hidden_mse,
+                             student_hidden=s_out.hidden_states if need_hidden else None,
+                             teacher_hidden=t_out.hidden_states if need_hidden else None)
+            accelerator.backward(terms["loss"] / cfg.grad_accum)
+        for k, v in terms.items():
+            step_terms[k] = step_terms.get(k, 0.0) + v.item() / cfg.grad_accum
+        del t_out, s_out, terms
+    return step_terms
+
+
+def _optimizer_step(model, teacher, optimizer, data, cfg: LoopConfig, accelerator, lr: float) -> dict[str, float]:
+    """One optimizer step at learning rate `lr`, gradients clipped when --max-grad-norm is set."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_terms = _accumulate(model, teacher, data, cfg, accelerator)
+    if cfg.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_terms
+
+
+def _run_steps(model, teacher, optimizer, train_chunks: torch.Tensor, cfg: LoopConfig, accelerator,
+               evaluate: _Evaluate, result: Result, started: float, progress: Progress) -> None:
+    """The optimizer steps, evaluating every --eval-every steps, at the end, and when the time budget runs out."""
     data = batches(train_chunks, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
     tokens_per_step = cfg.batch_size * train_chunks.shape[1] * cfg.grad_accum * accelerator.num_processes
+    budget = cfg.max_minutes * 60 if cfg.max_minutes is not None else None
     losses: list[float] = []
+    for step in range(cfg.steps):
+        t0 = time.monotonic()
+        used = _elapsed(accelerator, started) / budget if budget else 0.0
+        lr = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr, used)
+        step_terms = _optimizer_step(model, teacher, optimizer, data, cfg, accelerator, lr)
+        result.steps_done = step + 1
+        result.tokens += tokens_per_step
+        losses.append(step_terms["loss"])
+        elapsed = time.monotonic() - t0
+        live = {"loss": step_terms["loss"], "kd": step_terms["kd"], "lr": lr,
+                "tok_s": round(tokens_per_step / max(elapsed, 1e-9))}
+        if result.curve:
+            live["ppl"] = result.curve[-1]["ppl"]
+        progress.advance(1, **live)
+
+        n = step + 1
+        out_of_time = budget is not None and _elapsed(accelerator, started) >= budget
+        if (cfg.eval_every > 0 and n % cfg.eval_every == 0) or n == cfg.steps or out_of_time:
+            evaluate(n, round(sum(losses) / len(losses), 5), SILENT)
+            losses.clear()
+        if out_of_time and n < cfg.steps:
+            result.stopped = "time budget"
+            progress.note(f"--max-minutes {cfg.max_minutes:g} reached after {n} of {cfg.steps} steps")
+            break
+
+
+def train(student, teacher, train_chunks: torch.Tensor, eval_windows: Windows | torch.Tensor, cfg: LoopConfig,
+          accelerator, progress: Progress = SILENT) -> Result:
+    """Distill `teacher` into `student` (already placed on accelerator.device); returns the curve and
+    the best weights. The student is left with its last weights, not the best ones. Held-out windows
+    are scored by bench's `window_nll` (a BOS window from its first text token on); the training loss
+    covers every position, the prediction from the BOS included."""
+    started = time.monotonic()
+    result = Result(steps_done=0, stopped="completed")
+    teacher.eval().requires_grad_(False)
+
+    result.teacher_ppl = math.exp(window_nll(teacher, eval_windows, progress, "Teacher held-out perplexity")
+                                  .mean().item())
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    model, optimizer = accelerator.prepare(student, optimizer)
+    evaluate = _evaluator(accelerator, model, eval_windows, result, cfg.steps, started, progress)
     try:
         evaluate(0, None, progress)
         model.train()
         progress.start("Distilling", total=cfg.steps)
-        for step in range(cfg.steps):
-            t0 = time.monotonic()
-            budget = cfg.max_minutes * 60 if cfg.max_minutes is not None else None
-            used = _elapsed(accelerator, started) / budget if budget else 0.0
-            lr = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr, used)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_terms: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                ids = next(data).to(accelerator.device)
-                last = micro == cfg.grad_accum - 1
-                with nullcontext() if last else accelerator.no_sync(model):
-                    with torch.no_grad():
-                        t_out = teacher(ids, output_hidden_states=need_hidden, use_cache=False)
-                    s_out = model(ids, output_hidden_states=need_hidden, use_cache=False)
-                    terms = combined(s_out.logits, t_out.logits, ids, kind=cfg.loss, temperature=cfg.temperature,
-                                     beta=cfg.beta, alpha_ce=cfg.alpha_ce, hidden_weight=cfg.hidden_mse,
-                                     student_hidden=s_out.hidden_states if need_hidden else None,
-                                     teacher_hidden=t_out.hidden_states if need_hidden else None)
-                    accelerator.backward(terms["loss"] / cfg.grad_accum)
-                for k, v in terms.items():
-                    step_terms[k] = step_terms.get(k, 0.0) + v.item() / cfg.grad_accum
-                del t_out, s_out, terms
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            result.steps_done = step + 1
-            result.tokens += tokens_per_step
-            losses.append(step_terms["loss"])
-            elapsed = time.monotonic() - t0
-            live = {"loss": step_terms["loss"], "kd": step_terms["kd"], "lr": lr,
-                    "tok_s": round(tokens_per_step / max(elapsed, 1e-9))}
-            if result.curve:
-                live["ppl"] = result.curve[-1]["ppl"]
-            progress.advance(1, **live)
-
-            n = step + 1
-            out_of_time = budget is not None and _elapsed(accelerator, started) >= budget
-            if (cfg.eval_every > 0 and n % cfg.eval_every == 0) or n == cfg.steps or out_of_time:
-                evaluate(n, round(sum(losses) / len(losses), 5), SILENT)
-                losses.clear()
-            if out_of_time and n < cfg.steps:
-                result.stopped = "time budget"
-                progress.note(f"--max-minutes {cfg.max_minutes:g} reached after {n} of {cfg.steps} steps")
-                break
+        _run_steps(model, teacher, optimizer, train_chunks, cfg, accelerator, evaluate, result, started, progress)
         progress.finish()
     except KeyboardInterrupt:
         progress.finish()
