@@ -463,8 +463,6 @@ def _check_name(name: Any, taken: list[str], where: str) -> None:
 
 def _resolve_steps(recipe: Recipe, data: dict, src: str) -> None:
     """Fill in each step's defaults (input, output, teacher, bench models), build and validate its options."""
-    from llmopt.models import resolve
-
     produced: dict[str, Step] = {}
     previous: str = recipe.model
     labels_seen: dict[str, int] = {}
@@ -472,64 +470,12 @@ def _resolve_steps(recipe: Recipe, data: dict, src: str) -> None:
         where = f"{src}: {step.where}"
         cls, _ = step.kind.load()
         known = _field_names(cls)
-        values = dict(step.written)
-        for key in ("force",):
-            if key in values:
-                raise UserError(f"{where}: option '{key}' is not set in a recipe", hint="pass llmopt run --force")
-        for key in SHARED_DEFAULTS:
-            if key in known and key not in values and data.get(key) is not None:
-                values[key] = data[key]
-
-        def ref(value: Any, key: str) -> Any:
-            """`base` and earlier step names stand for their models."""
-            if isinstance(value, list):
-                return [ref(v, key) for v in value]
-            if not isinstance(value, str):
-                return value
-            if value == BASE:
-                return recipe.model
-            if value in produced:
-                step.inputs.append(value)
-                return str(produced[value].output)
-            later = [s for s in recipe.steps if s.name == value]
-            if later:
-                raise UserError(f"{where}: option '{key}' refers to step '{value}', which does not come "
-                                f"before it or produces no model")
-            try:
-                resolve(value)   # a path that does not exist, or an unknown alias
-            except UserError as e:
-                raise UserError(f"{where}: option '{key}': {e.args[0]}", hint=e.hint) from e
-            return value
-
+        values = _written_values(step, known, data, where)
         for key in MODEL_FIELDS:
             if key in values and key in known:
-                values[key] = ref(values[key], key)
-
-        if step.kind.input == "models":
-            if "models" not in values:
-                values["models"] = [str(s.output) for s in produced.values()] or [recipe.model]
-                step.inputs += list(produced)
-            if "baseline" in known and "baseline" not in values:
-                values["baseline"] = recipe.model
-            if values.get("baseline") and len(values["models"]) > 1:   # the baseline is its own row
-                values["models"] = [m for m in values["models"] if m != values["baseline"]]
-        elif step.kind.input not in values:
-            values[step.kind.input] = previous
-            if previous != recipe.model:
-                step.inputs.append(next(s.name for s in produced.values() if str(s.output) == previous))
-        if step.kind.name == "distill" and "teacher" in known and "teacher" not in values:
-            values["teacher"] = recipe.model
-
-        if "output" in values:
-            if not isinstance(values["output"], str) or not values["output"]:
-                raise UserError(f"{where}: option 'output' must be a directory path")
-            step.output = Path(values["output"]).expanduser()
-        else:
-            step.output = recipe.out / step.name
-        if "output" in known:
-            values["output"] = str(step.output)
-        if "force" in known:
-            values["force"] = recipe.force
+                values[key] = _model_ref(values[key], key, step, recipe, produced, where)
+        _default_inputs(step, values, known, recipe, produced, previous)
+        _place_output(step, values, known, recipe, where)
 
         step.options = build_options(cls, values, where)
         try:
@@ -538,11 +484,87 @@ def _resolve_steps(recipe: Recipe, data: dict, src: str) -> None:
             raise UserError(f"{where}: {e.args[0]}", hint=e.hint) from e
 
         if step.kind.stage:
-            n = labels_seen[step.kind.stage] = labels_seen.get(step.kind.stage, 0) + 1
-            default_name = step.kind.name if n == 1 else f"{step.kind.name}-{n}"
-            step.label = step.kind.stage if step.name == default_name and n == 1 else step.name
+            step.label = _stage_label(step, labels_seen)
             produced[step.name] = step
             previous = str(step.output)
+
+
+def _written_values(step: Step, known: set[str], data: dict, where: str) -> dict:
+    """The step's options as written, plus the recipe-wide data_dir, device and dtype where it does not set them."""
+    values = dict(step.written)
+    for key in ("force",):
+        if key in values:
+            raise UserError(f"{where}: option '{key}' is not set in a recipe", hint="pass llmopt run --force")
+    for key in SHARED_DEFAULTS:
+        if key in known and key not in values and data.get(key) is not None:
+            values[key] = data[key]
+    return values
+
+
+def _model_ref(value: Any, key: str, step: Step, recipe: Recipe, produced: dict[str, Step], where: str) -> Any:
+    """`base` and earlier step names stand for their models; anything else must resolve now."""
+    from llmopt.models import resolve
+
+    if isinstance(value, list):
+        return [_model_ref(v, key, step, recipe, produced, where) for v in value]
+    if not isinstance(value, str):
+        return value
+    if value == BASE:
+        return recipe.model
+    if value in produced:
+        step.inputs.append(value)
+        return str(produced[value].output)
+    later = [s for s in recipe.steps if s.name == value]
+    if later:
+        raise UserError(f"{where}: option '{key}' refers to step '{value}', which does not come "
+                        f"before it or produces no model")
+    try:
+        resolve(value)   # a path that does not exist, or an unknown alias
+    except UserError as e:
+        raise UserError(f"{where}: option '{key}': {e.args[0]}", hint=e.hint) from e
+    return value
+
+
+def _default_inputs(step: Step, values: dict, known: set[str], recipe: Recipe, produced: dict[str, Step],
+                    previous: str) -> None:
+    """Unset inputs chain the steps: the previous stage's model (bench: every stage so far, the base as
+    baseline), and the base model as a distill step's teacher."""
+    if step.kind.input == "models":
+        if "models" not in values:
+            values["models"] = [str(s.output) for s in produced.values()] or [recipe.model]
+            step.inputs += list(produced)
+        if "baseline" in known and "baseline" not in values:
+            values["baseline"] = recipe.model
+        if values.get("baseline") and len(values["models"]) > 1:   # the baseline is its own row
+            values["models"] = [m for m in values["models"] if m != values["baseline"]]
+    elif step.kind.input not in values:
+        values[step.kind.input] = previous
+        if previous != recipe.model:
+            step.inputs.append(next(s.name for s in produced.values() if str(s.output) == previous))
+    if step.kind.name == "distill" and "teacher" in known and "teacher" not in values:
+        values["teacher"] = recipe.model
+
+
+def _place_output(step: Step, values: dict, known: set[str], recipe: Recipe, where: str) -> None:
+    """OUT/<name> unless the step sets its own output; --force of `llmopt run` applies to every step."""
+    if "output" in values:
+        if not isinstance(values["output"], str) or not values["output"]:
+            raise UserError(f"{where}: option 'output' must be a directory path")
+        step.output = Path(values["output"]).expanduser()
+    else:
+        step.output = recipe.out / step.name
+    if "output" in known:
+        values["output"] = str(step.output)
+    if "force" in known:
+        values["force"] = recipe.force
+
+
+def _stage_label(step: Step, labels_seen: dict[str, int]) -> str:
+    """The row name in the final table: the stage ("pruned", ...) for the first step of a kind left
+    under its default name, else the step's own name."""
+    n = labels_seen[step.kind.stage] = labels_seen.get(step.kind.stage, 0) + 1
+    default_name = step.kind.name if n == 1 else f"{step.kind.name}-{n}"
+    return step.kind.stage if step.name == default_name and n == 1 else step.name
 
 
 def _as_if_inputs_exist(options: Any, produced: dict[str, Step], base: str) -> Any:
