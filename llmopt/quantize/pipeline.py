@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -346,6 +347,20 @@ def _size_metrics(tensors: dict[str, torch.Tensor], params: int, dtype: torch.dt
             "weight_bytes_vs_source": round(written / (own * params), 4)}
 
 
+def _solver(opts: QuantizeOptions, spec: QuantSpec, head: str | None, progress: Progress
+            ) -> Callable[[str, torch.nn.Linear, torch.Tensor | None], LayerResult]:
+    """How one Linear is quantized (GPTQ from its Hessian, or round-to-nearest); the head gets head_spec."""
+
+    def solve(name: str, linear: torch.nn.Linear, h: torch.Tensor | None) -> LayerResult:
+        s = head_spec(spec) if name == head else spec
+        if opts.method == "gptq":
+            return gptq_quantize(linear.weight.data, h, s, damp=opts.damp, block_size=opts.block_size,
+                                 desc_act=opts.desc_act, note=lambda m: progress.note(f"{name}: {m}"))
+        return rtn_quantize(linear.weight.data, s)
+
+    return solve
+
+
 def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     """Quantize opts.model into opts.output in the standard GPTQ layout; returns the summary.
     `opts.validate()` ran already (in `llmopt.quantize.quantize`)."""
@@ -375,15 +390,8 @@ def quantize_gptq(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     tied = _tied(model, head)
     spec = _fit_spec(spec, model, skip_names, head, progress)
 
-    def solve(name: str, linear: torch.nn.Linear, h: torch.Tensor | None) -> LayerResult:
-        s = head_spec(spec) if name == head else spec
-        if opts.method == "gptq":
-            return gptq_quantize(linear.weight.data, h, s, damp=opts.damp, block_size=opts.block_size,
-                                 desc_act=opts.desc_act, note=lambda m: progress.note(f"{name}: {m}"))
-        return rtn_quantize(linear.weight.data, s)
-
     t = time.time()
-    done = quantize_layers(model, solve, windows=windows, device=device, skip=skip_names,
+    done = quantize_layers(model, _solver(opts, spec, head, progress), windows=windows, device=device, skip=skip_names,
                            true_sequential=opts.true_sequential, head=head, progress=progress)
     quant_s = time.time() - t
     require(bool(done), "no Linear layer was quantized", "check --skip patterns")
