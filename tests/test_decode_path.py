@@ -8,7 +8,6 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from llmopt import kv_cache
-from llmopt.bench.speed import time_generation
 from llmopt.generate import GenerateOptions, generate
 from llmopt.models import load_model
 from llmopt.quantize import QuantizeOptions, qlinear, quantize, runtime
