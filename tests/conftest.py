@@ -27,9 +27,8 @@ TINY_CONFIGS = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory):
-    """A 512-token byte-level BPE trained on Python's docs: real text, no download."""
+def byte_bpe(unk: str = "<unk>"):
+    """A 512-token byte-level BPE trained on Python's docs (real text, no download); `unk` is its first token."""
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -37,10 +36,15 @@ def tiny_tokenizer(tmp_path_factory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=[unk, "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(topics.values()), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return byte_bpe()
 
 
 def build_tiny(arch: str, tokenizer, **overrides):

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from conftest import byte_bpe
+
 from llmopt.bench.llamacpp import LlamaCppLM, load_llamacpp
 from llmopt.bench.report import render_table
 from llmopt.export import ExportOptions, export
@@ -23,17 +25,7 @@ def tiny_tokenizer():
     """conftest's byte-level BPE with SmolLM2's special tokens: `<|endoftext|>` first. transformers adds
     `<|endoftext|>` to a byte-level vocabulary it reads back from a GGUF file when the vocabulary lacks it,
     so only with it does the tokenizer of the export have the vocabulary of the original."""
-    from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(topics.values()), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|endoftext|>", bos_token="<s>", eos_token="</s>")
+    return byte_bpe("<|endoftext|>")
 
 
 @pytest.fixture
