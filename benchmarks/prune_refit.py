@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import platform
 import sys
@@ -153,6 +154,8 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--targets", default="original", help="sequential variants: original and/or pruned, comma-separated")
     ap.add_argument("--damps", default=str(slicing.RECONSTRUCT_DAMP), help="ridge fractions, comma-separated")
+    ap.add_argument("--oneshot-damps", default=str(slicing.RECONSTRUCT_DAMP),
+                    help="ridge fractions of the one-shot refit (prune's is the default), comma-separated")
     args = ap.parse_args()
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()} "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; python {' '.join(sys.argv)}", flush=True)
@@ -183,14 +186,20 @@ def main() -> None:
     h, kv, inter = (int(x) for x in args.widths.split("/"))
     widths = Widths(h, kv, inter)
 
-    one = copy.deepcopy(model)
-    t = time.time()
-    build(one, arch, geo, Shape(geo.hidden, geo.layers, widths), measured)
-    report(f"one-shot refit, {args.widths}", one, time.time() - t)
-    del one
+    plain = slicing.reconstruct
+    for damp in (float(d) for d in args.oneshot_damps.split(",") if d):
+        one = copy.deepcopy(model)
+        t = time.time()
+        slicing.reconstruct = functools.partial(plain, damp=damp)   # what slicing.apply calls
+        try:
+            build(one, arch, geo, Shape(geo.hidden, geo.layers, widths), measured)
+        finally:
+            slicing.reconstruct = plain
+        report(f"one-shot refit (damp {damp}), {args.widths}", one, time.time() - t)
+        del one
 
     keeps = slicing.choose(measured.width, geo, widths)
-    for target in args.targets.split(","):
+    for target in (t for t in args.targets.split(",") if t):
         for damp in (float(d) for d in args.damps.split(",")):
             seq = copy.deepcopy(model)
             t = time.time()
