@@ -243,7 +243,8 @@ def load_gptq_model(path: Path, config: dict, device: torch.device, dtype: torch
     model.config.quantization_config = qconfig
     if EMBEDDINGS_FROM_HEAD and qconfig.get("lm_head") and (qconfig.get("meta") or {}).get("tied_embeddings"):
         embeddings_from_head(model)
-    rounded = round_head(model, runtime_head(head, device)) if runtime_head(head, device) != "full" else None
+    served = runtime_head(head, device)
+    rounded = round_head(model, served) if served != "full" else None
     if rounded:
         model.runtime_head = rounded      # read by bench's report: not the checkpoint's own precision
     return model
