@@ -1,13 +1,19 @@
-"""One thread or all of them, for a small weight-only kernel call at decode; and fused vs separate siblings.
+"""One thread or all of them, for a small weight-only kernel call at decode; fused vs separate siblings;
+and, with --attention, one thread or all for a decode step's attention.
 
     OMP_WAIT_POLICY=passive python benchmarks/decode_threads.py
+    OMP_WAIT_POLICY=passive python benchmarks/decode_threads.py --attention
 
 Times PyTorch's CPU int4 (`_weight_int4pack_mm_for_cpu`) and int8 (`_weight_int8pack_mm`) kernels on
 random weights of SmolLM2-135M's and larger shapes, at a few row counts, on one thread and on
 `torch.get_num_threads()` threads, interleaved (median of rounds, microseconds per call). Then q/k/v
 and gate/up as three/two calls against one call on their concatenated rows. The crossover it shows
 is where `llmopt.quantize.qlinear.ONE_THREAD_MAX_BYTES` / `ONE_THREAD_MAX_ROWS` come from
-(docs/runtime.md).
+(docs/runtime.md). `--attention` times `scaled_dot_product_attention` for one query token over a KV
+cache of SmolLM2-135M's and Gemma3-270M's attention shapes, in the two forms transformers calls it in
+(grouped-query heads with no mask; query heads folded into the query length, with the sliding-window
+mask), at a few cache lengths: where `llmopt.attention.ONE_THREAD_MAX_QUERIES` and
+`ONE_THREAD_MAX_KV_BYTES` come from.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 SHAPES = [  # (name, out, in)
     ("SmolLM2 q/o", 576, 576), ("SmolLM2 q+k+v", 960, 576), ("SmolLM2 down", 576, 1536),
@@ -55,12 +62,43 @@ def time_threads(fn, threads: list[int], rounds: int, calls: int) -> list[float]
     return [statistics.median(runs[t]) for t in threads]
 
 
+ATTENTION = [  # (name, query heads, KV heads, head dim)
+    ("SmolLM2-135M", 9, 3, 64), ("Gemma3-270M", 4, 1, 256),
+]
+
+
+def attention(rounds: int, many: int) -> None:
+    """One query token's attention over caches of a few lengths, on one thread and on all."""
+    print(f"torch {torch.__version__}; attention for one query token, microseconds per call, median of "
+          f"{rounds} rounds; cells: 1 thread / {many} threads, * = one thread faster")
+    lengths = (128, 512, 1024, 2048)
+    print(f"{'model':14} {'form':22} " + " ".join(f"{'cache ' + str(n):>16}" for n in lengths))
+    for name, heads, kv, dim in ATTENTION:
+        for form in ("grouped, no mask", "folded, sliding mask"):
+            cells = []
+            for n in lengths:
+                k, v = torch.randn(1, kv, n, dim), torch.randn(1, kv, n, dim)
+                if form.startswith("grouped"):
+                    q = torch.randn(1, heads, 1, dim)
+                    fn = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+                else:
+                    q, mask = torch.randn(1, kv, heads // kv, dim), torch.ones(1, 1, 1, n, dtype=torch.bool)
+                    fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+                one, all_ = time_threads(fn, [1, many], rounds, 200)
+                cells.append(f"{one:7.0f}/{all_:<7.0f}{'*' if one < all_ else ' '}")
+            print(f"{name:14} {form:22} " + " ".join(cells), flush=True)
+    torch.set_num_threads(many)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rows", default="1,4,8,16")
+    ap.add_argument("--attention", action="store_true", help="time decode attention instead of the kernels")
     args = ap.parse_args()
     many = torch.get_num_threads()
+    if args.attention:
+        return attention(args.rounds, many)
     rows = [int(r) for r in args.rows.split(",")]
     print(f"torch {torch.__version__}, 1 thread vs {many}; microseconds per call, median of {args.rounds} rounds")
     print(f"{'kernel':6} {'layer':16} {'weight MB':>9} " + " ".join(f"{'M=' + str(m):>16}" for m in rows))

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from llmopt.errors import UserError, require
+from llmopt.attention import serve_attention
 from llmopt.kv_cache import cache_kwargs
 from llmopt.models import model_device
 
@@ -112,6 +113,7 @@ def generate(model, tokenizer, opts: GenerateOptions, on_text: Callable[[str], N
              ) -> GenerateResult:
     """Generate a continuation of opts.prompt; `on_text` receives text pieces as they are decoded."""
     opts.validate()
+    serve_attention(model)
     if opts.seed is not None:
         torch.manual_seed(opts.seed)
     ids = build_inputs(tokenizer, opts.prompt, opts.chat).to(model_device(model))

@@ -1,13 +1,13 @@
 """The decode-speed levers of llmopt's runtime change no result: fused sibling projections, the
-in-place growing KV cache, and small kernel calls on one thread."""
+in-place KV caches (full and sliding-window layers), and small kernel and attention calls on one thread."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from llmopt import kv_cache
+from llmopt import attention, kv_cache
 from llmopt.generate import GenerateOptions, generate
 from llmopt.models import load_model
 from llmopt.quantize import QuantizeOptions, qlinear, quantize, runtime
@@ -79,12 +79,33 @@ def test_growing_cache_decodes_exactly_like_the_dynamic_cache(arch, tiny_model_d
     ids = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(1))
     cache = kv_cache.growing_cache(model)
     assert any(isinstance(layer, kv_cache.GrowingLayer) for layer in cache.layers)
-    got, got_logits = _greedy(model, ids, 30, cache)
-    want, want_logits = _greedy(model, ids, 30, DynamicCache(config=model.config))
+    if arch == "gemma3":
+        assert any(isinstance(layer, kv_cache.SlidingLayer) for layer in cache.layers)
+    got, got_logits = _greedy(model, ids, 70, cache)       # 110 tokens: the 32-token window moves over 3 times
+    want, want_logits = _greedy(model, ids, 70, DynamicCache(config=model.config))
     assert got == want
     assert torch.equal(got_logits, want_logits)
     grown = [layer for layer in cache.layers if isinstance(layer, kv_cache.GrowingLayer)]
-    assert grown[0].get_seq_length() == 40 + 30 and grown[0]._buffers[0].shape[-2] >= 70
+    assert grown[0].get_seq_length() == 40 + 70 and grown[0]._buffers[0].shape[-2] >= 110
+
+
+def test_sliding_layer_returns_and_keeps_what_the_transformers_layer_does(monkeypatch):
+    monkeypatch.setattr(kv_cache, "MIN_CAPACITY", 4)          # buffer of 12 tokens: moves every few steps
+    ours, theirs = kv_cache.SlidingLayer(sliding_window=6), DynamicSlidingWindowLayer(sliding_window=6)
+    buffers = set()
+    for n in (3, 1, 1, 4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 9, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1):
+        k = torch.randn(2, 1, n, 4)
+        a, b = ours.update(k, -k), theirs.update(k, -k)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        assert ours.get_mask_sizes(1) == theirs.get_mask_sizes(1)
+        assert ours.get_seq_length() == theirs.get_seq_length()
+        buffers.add(ours._buffers[0].data_ptr())
+    assert len(buffers) == 2          # one buffer until the 9-token chunk outgrew it: single steps copy in place
+    ours.reorder_cache(torch.tensor([1, 0]))
+    theirs.reorder_cache(torch.tensor([1, 0]))
+    k = torch.randn(2, 1, 1, 4)
+    assert torch.equal(ours.update(k, -k)[0], theirs.update(k, -k)[0])
 
 
 def test_growing_layer_follows_crop_and_reorder_like_dynamic_layer():
@@ -147,3 +168,37 @@ def test_small_kernel_calls_run_on_one_thread_and_large_ones_on_all(bits, two_th
     big = layer(x[:1])                                # a weight over the byte limit
     assert seen == [1, 2, 2] and torch.get_num_threads() == 2
     assert torch.equal(one, big) and torch.allclose(one, many[:1], rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_decode_attention_runs_on_one_thread_with_the_same_logits(arch, tiny_model_dir, two_threads, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    layers = 6 if arch == "gemma3" else 2
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch, num_hidden_layers=layers)).eval()
+    ids = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(2))
+    want, want_logits = _greedy(model, ids, 12, kv_cache.growing_cache(model))
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **k: seen.append((q.shape[-2], torch.get_num_threads())) or real(q, *a, **k))
+    assert attention.serve_attention(model) and model.config._attn_implementation == attention.NAME
+    got, got_logits = _greedy(model, ids, 12, kv_cache.growing_cache(model))
+    assert got == want      # the kernel splits the cache differently by thread count: float rounding apart
+    assert torch.allclose(got_logits, want_logits, rtol=0, atol=1e-5 * float(want_logits.abs().max()))
+    assert {t for q, t in seen if q > attention.ONE_THREAD_MAX_QUERIES} == {2}      # the 40-token prefill
+    assert {t for q, t in seen if q <= attention.ONE_THREAD_MAX_QUERIES} == {1}     # each decode step
+    assert torch.get_num_threads() == 2 and not attention.serve_attention(model)   # once is enough
+    seen.clear()
+    monkeypatch.setattr(attention, "ONE_THREAD_MAX_KV_BYTES", 0)                    # a cache over the limit
+    _greedy(model, ids, 2, kv_cache.growing_cache(model))
+    assert {t for _, t in seen} == {2}
+
+
+def test_generate_serves_one_thread_decode_attention(tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    assert model.config._attn_implementation == "sdpa"
+    generate(model, tiny_tokenizer, GenerateOptions(prompt="The module", max_new_tokens=3))
+    assert model.config._attn_implementation == attention.NAME

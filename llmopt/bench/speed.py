@@ -1,7 +1,7 @@
 """Latency and memory of generation, measured so that two models can be compared honestly.
 
-Timing: a hand-written greedy decode loop with a KV cache (llmopt's in-place growing cache, as in
-`generate`; one prefill forward over the prompt, then one forward per new token), so the figure is the model's cost and not the
+Timing: a hand-written greedy decode loop with a KV cache (llmopt's in-place growing cache and
+one-thread decode attention, as in `generate`; one prefill forward over the prompt, then one forward per new token), so the figure is the model's cost and not the
 variance of `generate()`'s bookkeeping. The prompt is real text, the same token ids for every model
 that shares a tokenizer, and exactly `gen_len` tokens are produced (no early stop on EOS), so every
 model does the same work. All models are measured in one process, in interleaved rounds after
@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from llmopt.attention import serve_attention
 from llmopt.info import weight_bytes
 from llmopt.kv_cache import cache_kwargs
 from llmopt.models import model_device
@@ -101,7 +102,9 @@ def next_step(out) -> dict:
 
 @torch.inference_mode()
 def time_generation(model, prompt: torch.Tensor, gen_len: int) -> Timing:
-    """Greedy-decode `gen_len` tokens after `prompt` ([batch, prompt_len]) with a KV cache; time it."""
+    """Greedy-decode `gen_len` tokens after `prompt` ([batch, prompt_len]) with a KV cache, attention
+    served as `generate` serves it (`llmopt.attention`); time it."""
+    serve_attention(model)
     device = model_device(model)
     ids = prompt.to(device)
     kwargs = _prefill_kwargs(model)

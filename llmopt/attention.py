@@ -1,0 +1,65 @@
+"""transformers' SDPA attention, on one CPU thread when a call has only a few query tokens (decode).
+
+A decode step's attention is one query row per head over the KV cache. PyTorch's CPU flash-attention
+kernel still wakes every thread for it, and with OpenMP's passive waiting that costs more than the second
+thread saves until the cache is about a megabyte (`benchmarks/decode_threads.py --attention`;
+docs/runtime.md). `serve_attention` switches a model on transformers' "sdpa" to the same function
+registered as "llmopt_sdpa", which runs such calls on one thread: the same kernel on the same tensors (its sums split differently by thread count, so results
+agree to float rounding, about 1e-7 relative). The name is not saved with a checkpoint (transformers keeps
+it out of config.json), so nothing written depends on it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "llmopt_sdpa"
+# a CPU attention call with at most this many query tokens (a decode step has 1) over keys and values of at
+# most this many bytes runs on one thread
+ONE_THREAD_MAX_QUERIES = 8
+ONE_THREAD_MAX_KV_BYTES = 1_500_000
+
+
+def _one_thread(query: torch.Tensor, key: torch.Tensor) -> bool:
+    return (query.device.type == "cpu" and query.shape[-2] <= ONE_THREAD_MAX_QUERIES
+            and 2 * key.numel() * key.element_size() <= ONE_THREAD_MAX_KV_BYTES and torch.get_num_threads() > 1)
+
+
+def _registered() -> bool:
+    """Register NAME with transformers' attention and mask interfaces once; False where this transformers
+    has neither (then models keep their own attention)."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    if NAME not in AttentionInterface._global_mapping:
+        def attention(module, query, key, value, attention_mask, *args, **kwargs):
+            if not _one_thread(query, key):
+                return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+            finally:
+                torch.set_num_threads(threads)
+
+        AttentionInterface.register(NAME, attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)
+    return True
+
+
+def serve_attention(model: torch.nn.Module) -> bool:
+    """Switch a CPU model that attends with "sdpa" to NAME; True when it did."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return False
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        return False
+    if device.type != "cpu" or not _registered():
+        return False
+    model.set_attn_implementation(NAME)
+    return model.config._attn_implementation == NAME
