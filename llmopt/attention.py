@@ -11,7 +11,11 @@ it out of config.json), so nothing written depends on it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from llmopt.quantize.qlinear import on_one_thread
 
 NAME = "llmopt_sdpa"
 # a CPU attention call with at most this many query tokens (a decode step has 1) over keys and values of at
@@ -36,14 +40,9 @@ def _registered() -> bool:
         return False
     if NAME not in AttentionInterface._global_mapping:
         def attention(module, query, key, value, attention_mask, *args, **kwargs):
-            if not _one_thread(query, key):
-                return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
-            finally:
-                torch.set_num_threads(threads)
+            call = functools.partial(sdpa_attention_forward, module, query, key, value, attention_mask, *args,
+                                     **kwargs)
+            return on_one_thread(call) if _one_thread(query, key) else call()
 
         AttentionInterface.register(NAME, attention)
         AttentionMaskInterface.register(NAME, sdpa_mask)

@@ -81,7 +81,8 @@ def dequant_dtype(device_type: str = "cpu", input_dtype: torch.dtype = torch.flo
     return torch.bfloat16 if _native_bf16() else torch.float32
 
 
-def _on_one_thread(fn, *args):
+def on_one_thread(fn, *args):
+    """Call fn on one CPU thread, restoring the thread count after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -305,7 +306,7 @@ class QuantLinear(torch.nn.Module):
         if self.mode == "int4" and self.k_pad != self.in_features:
             xb = F.pad(xb, (0, self.k_pad - self.in_features))
         kernel = self._kernel_int4 if self.mode == "int4" else self._kernel_int8
-        y = _on_one_thread(kernel, xb.contiguous()) if self._one_thread(x2.shape[0]) else kernel(xb.contiguous())
+        y = on_one_thread(kernel, xb.contiguous()) if self._one_thread(x2.shape[0]) else kernel(xb.contiguous())
         if self.mode == "int4":
             y = y[:, : self.out_features]
         elif self.zero_shift is not None:
