@@ -55,7 +55,22 @@ _DEQUANT_CHUNK = 4096
 ONE_THREAD_MAX_ROWS = 8
 ONE_THREAD_MAX_BYTES = 1_000_000
 _KERNEL_GROUPS = (32, 64, 128, 256)
-_CPU_BLOCK_N = 64
+_CPU_BLOCK_N = 64          # output rows are padded to this; the kernel's own blocks (_cpu_block) divide it
+
+
+@functools.cache
+def _cpu_block() -> int:
+    """Output rows per block of `_convert_weight_to_int4pack_for_cpu`'s layout: 64 on CPUs with AVX-512,
+    32 on AVX2 and others (it follows the vector width). Read off a packed probe, not assumed."""
+    rows = torch.arange(_CPU_BLOCK_N, dtype=torch.int32)
+    probe = torch.stack([rows % 16, rows // 16], dim=1)                      # [64, 2]: each row's codes differ
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).view(-1)
+    for block in (64, 32, 16):
+        b = packed.view(_CPU_BLOCK_N // block, 2, block // 2)
+        codes = torch.cat([b & 15, b >> 4], dim=-1).transpose(1, 2).reshape(_CPU_BLOCK_N, 2)
+        if torch.equal(codes.int(), probe):
+            return block
+    return _CPU_BLOCK_N        # unknown: the check in _init_int4 then turns the cheap reading off
 
 
 def _op(name: str):
@@ -204,19 +219,21 @@ class QuantLinear(torch.nn.Module):
     # ----------------------------------------------------------------------------------- reading
 
     def _int4_codes_t(self) -> torch.Tensor:
-        """Codes [Kp, Np] (transposed) read back from the CPU kernel's buffer: blocks of 64 output
-        rows; byte j of each input row holds row j in its low nibble and row 32 + j in its high one."""
-        b = self.w_int4.view(self.n_pad // _CPU_BLOCK_N, self.k_pad, _CPU_BLOCK_N // 2)
-        codes = torch.cat([b & 15, b >> 4], dim=-1)       # [Nb, Kp, 64]
+        """Codes [Kp, Np] (transposed) read back from the CPU kernel's buffer: blocks of B output rows
+        (`_cpu_block`); byte j of each input row holds row j in its low nibble and row B/2 + j in its high one."""
+        block = _cpu_block()
+        b = self.w_int4.view(self.n_pad // block, self.k_pad, block // 2)
+        codes = torch.cat([b & 15, b >> 4], dim=-1)       # [Nb, Kp, B]
         return codes.transpose(0, 1).reshape(self.k_pad, self.n_pad)
 
     def _int4_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         """W [r1 - r0, Kp] in `dtype` for output rows r0:r1 (multiples of 64), from the CPU kernel's buffer:
         nibbles split straight into W's row order (one strided pass over the packed bytes), then
         W = (q - 8) * scale + zero_f per group, as the kernel computes it."""
-        b = self.w_int4.view(self.n_pad // _CPU_BLOCK_N, self.k_pad, _CPU_BLOCK_N // 2)[r0 // 64: r1 // 64]
-        b = b.transpose(1, 2)                             # [blocks, 32, Kp]
-        codes = torch.empty(b.shape[0], 2, _CPU_BLOCK_N // 2, self.k_pad, dtype=torch.uint8, device=b.device)
+        block = _cpu_block()
+        b = self.w_int4.view(self.n_pad // block, self.k_pad, block // 2)[r0 // block: r1 // block]
+        b = b.transpose(1, 2)                             # [blocks, B/2, Kp]
+        codes = torch.empty(b.shape[0], 2, block // 2, self.k_pad, dtype=torch.uint8, device=b.device)
         torch.bitwise_and(b, 15, out=codes[:, 0])
         torch.bitwise_right_shift(b, 4, out=codes[:, 1])
         w = codes.view(torch.int8).sub_(8).to(dtype).view(r1 - r0, -1, self.kernel_group)
