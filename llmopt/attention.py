@@ -6,7 +6,8 @@ thread saves until the cache is about a megabyte (`benchmarks/decode_threads.py 
 docs/runtime.md). `serve_attention` switches a model on transformers' "sdpa" to the same function
 registered as "llmopt_sdpa", which runs such calls on one thread: the same kernel on the same tensors (its sums split differently by thread count, so results
 agree to float rounding, about 1e-7 relative). The name is not saved with a checkpoint (transformers keeps
-it out of config.json), so nothing written depends on it.
+it out of config.json), so nothing written depends on it. Inside a compiled decode step
+(`llmopt.compiled`) the same choice is made from shapes alone and the call is an opaque one-thread op.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import functools
 
 import torch
 
-from llmopt.quantize.qlinear import on_one_thread
+from llmopt import one_thread
 
 NAME = "llmopt_sdpa"
 # a CPU attention call with at most this many query tokens (a decode step has 1) over keys and values of at
@@ -26,7 +27,28 @@ ONE_THREAD_MAX_KV_BYTES = 1_500_000
 
 def _one_thread(query: torch.Tensor, key: torch.Tensor) -> bool:
     return (query.device.type == "cpu" and query.shape[-2] <= ONE_THREAD_MAX_QUERIES
-            and 2 * key.numel() * key.element_size() <= ONE_THREAD_MAX_KV_BYTES and torch.get_num_threads() > 1)
+            and 2 * key.numel() * key.element_size() <= ONE_THREAD_MAX_KV_BYTES)
+
+
+def _compiled_decode(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """A compiled decode step's attention, or None where transformers' function must run. transformers folds
+    a single query's heads onto their KV head (`pack_gqa`) only in eager mode and repeats keys and values
+    in a compiled graph (3x the bytes read for SmolLM2); this folds them there too."""
+    b, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    extras = {k for k, v in kwargs.items() if v is not None} - {"is_causal", "sliding_window"}
+    if q_len != 1 or dropout or extras or query.device.type != "cpu":
+        return None
+    mask = attention_mask
+    if mask is not None and mask.shape[1] != 1:          # a per-head mask does not fold
+        return None
+    scale = dim ** -0.5 if scaling is None else scaling
+    folded = query.reshape(b, kv_heads, heads // kv_heads, dim)
+    if _one_thread(query, key):        # the compiled step runs on one thread (llmopt.compiled)
+        out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale)
+    else:
+        out = one_thread.sdpa(folded, key, value, mask, scale)
+    return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2), None
 
 
 def _registered() -> bool:
@@ -40,9 +62,15 @@ def _registered() -> bool:
         return False
     if NAME not in AttentionInterface._global_mapping:
         def attention(module, query, key, value, attention_mask, *args, **kwargs):
+            if torch.compiler.is_compiling() and not args:
+                done = _compiled_decode(module, query, key, value, attention_mask, **kwargs)
+                if done is not None:
+                    return done
             call = functools.partial(sdpa_attention_forward, module, query, key, value, attention_mask, *args,
                                      **kwargs)
-            return on_one_thread(call) if _one_thread(query, key) else call()
+            if _one_thread(query, key) and not torch.compiler.is_compiling() and torch.get_num_threads() > 1:
+                return one_thread.on_one_thread(call)
+            return call()
 
         AttentionInterface.register(NAME, attention)
         AttentionMaskInterface.register(NAME, sdpa_mask)

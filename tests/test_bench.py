@@ -202,7 +202,7 @@ def test_rounds_are_interleaved_and_ratios_taken_per_round(monkeypatch):
     calls = []
     decode_s = {"A": [1.0, 2.0, 4.0, 1.0], "B": [0.5, 1.0, 2.0, 0.5]}   # B is 2x faster in every round
 
-    def fake(model, prompt, gen_len):
+    def fake(model, prompt, gen_len, compiled=False):
         calls.append(model.name)
         k = sum(1 for c in calls if c == model.name) - 1
         return speed.Timing(ttft_s=0.1, decode_s=decode_s[model.name][k], prompt_tokens=prompt.shape[1],

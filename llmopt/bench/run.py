@@ -69,6 +69,9 @@ METHOD_TEXT = {
     "ttft_s": "time of the prefill forward plus the first argmax (time to first token)",
     "prefill_tok_s": "batch x prompt_len / ttft_s",
     "decode_tok_s": "(gen_len - 1) / time from the first token to the last, batch 1",
+    "compile": "--compile: every PyTorch model's decode steps run through torch.compile (inductor) over a static "
+               "KV cache of prompt_len + gen_len tokens, the prefill eagerly; compile_s = wall time of a first, "
+               "untimed generation of two steps (almost all of it compiling), before the warm-up rounds",
     "batch_decode_tok_s": "batch x (gen_len - 1) / decode time, at --batch N",
     "weight_bandwidth_pct": "weight_bandwidth_gb_s as a percentage of memory_bandwidth_gb_s, the machine's "
                             "copy bandwidth (bytes read + written by one 256 MiB tensor copy, best of 5) "
@@ -109,6 +112,7 @@ class BenchOptions:
     dtype: str = "auto"
     head: str = "auto"                # a quantized checkpoint's full-precision head: models.check_head
     gguf_runtime: str = "auto"        # who runs a .gguf model: llamacpp.GGUF_RUNTIMES
+    compile: bool = False             # decode steps through torch.compile (llmopt.compiled)
     seed: int = 0
     csv: str | None = None
     plot: str | None = None
@@ -265,7 +269,7 @@ def _speed(opts: BenchOptions, entries: list[_Entry], corpora: list[Corpus], pro
             memory.append(done[id(e.loaded)])
     bandwidth = memory_bandwidth(model_device(entries[0].loaded.model))
     speed = measure_speed([e.loaded.model for e in entries], prompts, opts.gen_len, opts.repeats, opts.warmup,
-                          batch_prompts, progress, names=[e.name for e in entries])
+                          batch_prompts, progress, names=[e.name for e in entries], compile=opts.compile)
     for s in speed:
         s.memory_bandwidth_gb_s = bandwidth
     return speed, memory
@@ -334,6 +338,7 @@ def _row(i: int, entries: list[_Entry], info: dict, reference: dict, q: WindowSt
     metrics.update(dict.fromkeys(("perplexity", "nll", "bits_per_byte", "ppl_windows", "ppl_tokens", "ppl_bytes",
                                   "kl_vs_baseline", "top1_agreement_pct", "ttft_s", "prefill_tok_s",
                                   "decode_tok_s", "batch_decode_tok_s", "weight_bandwidth_gb_s", "weight_bandwidth_pct",
+                                  "compile_s",
                                   "peak_rss_bytes",
                                   "runtime_rss_bytes", "peak_cuda_allocated_bytes")))
     timings: dict[str, dict] = {}
@@ -347,6 +352,7 @@ def _row(i: int, entries: list[_Entry], info: dict, reference: dict, q: WindowSt
             metrics[name] = timings[name]["median"]
         metrics["weight_bandwidth_gb_s"] = info["bytes_read_per_token"] * metrics["decode_tok_s"] / 1e9
         metrics["weight_bandwidth_pct"] = 100.0 * metrics["weight_bandwidth_gb_s"] / sp.memory_bandwidth_gb_s
+        metrics["compile_s"] = sp.compile_s
     if mem is not None:
         metrics.update({k: mem.get(k) for k in ("peak_rss_bytes", "runtime_rss_bytes", "peak_cuda_allocated_bytes")})
     return {
@@ -406,7 +412,8 @@ def _method(opts: BenchOptions, device: torch.device, source: str, description: 
         "size": METHOD_TEXT["size"],
         "speed": None if not timed else {
             k: METHOD_TEXT[k] for k in ("timing", "rounds", "prompt", "ttft_s", "prefill_tok_s", "decode_tok_s",
-                                        "batch_decode_tok_s", "weight_bandwidth_gb_s", "weight_bandwidth_pct")},
+                                        "batch_decode_tok_s", "weight_bandwidth_gb_s", "weight_bandwidth_pct")
+            } | ({"compile": METHOD_TEXT["compile"]} if opts.compile else {}),
         "memory": METHOD_TEXT["memory"] if timed and opts.memory else None,
         "gguf_runtime": gguf_runtime,
         "llama_cpp": _llama_cpp(entries),

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from llmopt import compiled
 from llmopt.attention import serve_attention
 from llmopt.info import weight_bytes
 from llmopt.kv_cache import cache_kwargs
@@ -100,27 +101,45 @@ def next_step(out) -> dict:
     return {key: out[key]}
 
 
-@torch.inference_mode()
-def time_generation(model, prompt: torch.Tensor, gen_len: int) -> Timing:
+def time_generation(model, prompt: torch.Tensor, gen_len: int, compiled: bool = False) -> Timing:
     """Greedy-decode `gen_len` tokens after `prompt` ([batch, prompt_len]) with a KV cache, attention
-    served as `generate` serves it (`llmopt.attention`); time it."""
+    served as `generate` serves it (`llmopt.attention`); time it. `compiled`: decode steps through the
+    compiled forward over a static cache (`llmopt.compiled`; compile it first with `compiled.warm_up`)."""
     serve_attention(model)
     device = model_device(model)
     ids = prompt.to(device)
-    kwargs = _prefill_kwargs(model)
+    timed = _timed_compiled if compiled else _timed_eager
     _sync(device)
     start = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, **fresh_cache(model), **kwargs)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
-    first = time.perf_counter()
-    for _ in range(gen_len - 1):
-        out = model(input_ids=token, use_cache=True, **next_step(out))
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    first = timed(model, ids, gen_len, lambda: _sync(device))
     _sync(device)
     end = time.perf_counter()
     return Timing(ttft_s=first - start, decode_s=end - first, prompt_tokens=ids.shape[1], new_tokens=gen_len,
                   batch=ids.shape[0])
+
+
+@torch.inference_mode()
+def _timed_eager(model, ids: torch.Tensor, gen_len: int, sync) -> float:
+    """Prefill and decode with llmopt's growing cache; the time stamp of the first token."""
+    out = model(input_ids=ids, use_cache=True, **fresh_cache(model), **_prefill_kwargs(model))
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    sync()
+    first = time.perf_counter()
+    for _ in range(gen_len - 1):
+        out = model(input_ids=token, use_cache=True, **next_step(out))
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return first
+
+
+@torch.no_grad()       # not inference mode: compiled graphs cannot trace inference tensors
+def _timed_compiled(model, ids: torch.Tensor, gen_len: int, sync) -> float:
+    cache = compiled.static_cache(model, ids.shape[1] + gen_len)
+    token = compiled.prefill(model, ids, cache)
+    sync()
+    first = time.perf_counter()
+    for i in range(gen_len - 1):
+        token = compiled.step(model, token, cache, ids.shape[1] + i)
+    return first
 
 
 def spread(values: list[float]) -> dict:
@@ -134,6 +153,7 @@ class SpeedResult:
     rounds: list[Timing] = field(default_factory=list)          # batch 1
     batch_rounds: list[Timing] = field(default_factory=list)    # --batch N (empty when off)
     memory_bandwidth_gb_s: float | None = None                  # the machine's, measured in the same run
+    compile_s: float | None = None                              # compiling the decode step, with --compile
 
     def figures(self) -> dict[str, list[float]]:
         """Per-round values of every timing metric."""
@@ -147,12 +167,19 @@ class SpeedResult:
 
 def measure_speed(models: list, prompts: list[torch.Tensor], gen_len: int, repeats: int, warmup: int,
                   batch_prompts: list[torch.Tensor] | None = None, progress: Progress = SILENT,
-                  names: list[str] | None = None) -> list[SpeedResult]:
+                  names: list[str] | None = None, compile: bool = False) -> list[SpeedResult]:
     """Time every model in interleaved rounds: warm-up rounds (discarded), then `repeats` rounds, each
     running every model once, the order alternating (A, B, B, A, A, B, ...) so that neither model always
-    runs first or after the other. `prompts[i]` is model i's [1, prompt_len] prompt."""
+    runs first or after the other. `prompts[i]` is model i's [1, prompt_len] prompt. `compile`: PyTorch
+    models decode through `llmopt.compiled`, compiled (and the time it took recorded) before any round."""
     names = names or [f"model {i}" for i in range(len(models))]
     results = [SpeedResult() for _ in models]
+    compiled_ = [compile and isinstance(m, torch.nn.Module) for m in models]
+    for i, model in enumerate(models):
+        if compiled_[i]:
+            progress.start(f"compiling {names[i]}'s decode step", total=None)
+            results[i].compile_s = _compile(model, prompts[i], gen_len, batch_prompts[i] if batch_prompts else None)
+            progress.finish()
     total = (warmup + repeats) * len(models)
     progress.start(f"speed: {warmup} warm-up + {repeats} interleaved round(s) x {len(models)} model(s)", total)
     gc.collect()
@@ -165,8 +192,8 @@ def measure_speed(models: list, prompts: list[torch.Tensor], gen_len: int, repea
                 gc.collect()
                 gc.disable()          # no collector pauses inside a timed run
                 try:
-                    t = time_generation(model, prompts[i], gen_len)
-                    tb = time_generation(model, batch_prompts[i], gen_len) if batch_prompts else None
+                    t = time_generation(model, prompts[i], gen_len, compiled_[i])
+                    tb = time_generation(model, batch_prompts[i], gen_len, compiled_[i]) if batch_prompts else None
                 finally:
                     gc.enable()
                 if r >= warmup:
@@ -179,6 +206,16 @@ def measure_speed(models: list, prompts: list[torch.Tensor], gen_len: int, repea
         gc.unfreeze()
     progress.finish()
     return results
+
+
+def _compile(model, prompt: torch.Tensor, gen_len: int, batch_prompt: torch.Tensor | None) -> float:
+    """Seconds to compile the decode step (each batch size is a graph of its own)."""
+    serve_attention(model)
+    device = model_device(model)
+    seconds = compiled.warm_up(model, prompt.to(device), gen_len)
+    if batch_prompt is not None:
+        seconds += compiled.warm_up(model, batch_prompt.to(device), gen_len)
+    return seconds
 
 
 def bytes_read_per_token(model) -> int:

@@ -53,6 +53,9 @@ def bench(
     dtype: Dtype = D.dtype,
     head: Head = D.head,
     gguf_runtime: Annotated[str, typer.Option(help=GGUF_RUNTIME_HELP)] = D.gguf_runtime,
+    compile: Annotated[bool, typer.Option("--compile", help="Decode through torch.compile over a static KV cache "
+                                          "(every PyTorch model; compiling takes tens of seconds to minutes and "
+                                          "is reported as compile_s, not timed).")] = D.compile,
     json: Json = False,
 ) -> None:
     """Measure models side by side (one process, interleaved rounds, same data) and show deltas vs a baseline.
@@ -63,7 +66,8 @@ def bench(
                         seq_len=seq_len, ppl_windows=ppl_windows, prompt_len=prompt_len, gen_len=gen_len,
                         batch=batch, repeats=repeats, warmup=warmup, skip_quality=skip_quality,
                         skip_speed=skip_speed, memory=memory, device=device, dtype=dtype, head=head, seed=seed, csv=csv,
-                        plot=plot, force=force, gguf_runtime=gguf_runtime)
+                        plot=plot, force=force, gguf_runtime=gguf_runtime,
+                        compile=compile)
     report = run_bench(opts, RichProgress(not json))
     if json:
         print_json(report)

@@ -26,6 +26,10 @@ Unit = tuple  # (q [N, K], zeros [G, N], scales [G, N], g_idx [K], bias or None,
 
 
 def _version(x: torch.Tensor) -> int:
+    """-1 where there is no version counter: inference-mode tensors, and inside a compiled graph (which
+    cannot ask), where the siblings rely on being called back to back, as in inference mode."""
+    if torch.compiler.is_compiling():
+        return -1
     return -1 if x.is_inference() else x._version
 
 

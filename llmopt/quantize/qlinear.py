@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llmopt import one_thread
 from llmopt.quantize import packing
 
 # rows (tokens) from which the CPU forward dequantizes + runs the BLAS GEMM instead of calling the kernels;
@@ -94,16 +95,6 @@ def dequant_dtype(device_type: str = "cpu", input_dtype: torch.dtype = torch.flo
     if DEQUANT_DTYPE is not None:
         return DEQUANT_DTYPE
     return torch.bfloat16 if _native_bf16() else torch.float32
-
-
-def on_one_thread(fn, *args):
-    """Call fn on one CPU thread, restoring the thread count after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _ceil_to(n: int, m: int) -> int:
@@ -308,8 +299,18 @@ class QuantLinear(torch.nn.Module):
 
     def _one_thread(self, rows: int) -> bool:
         """Whether this call is small enough that waking the other CPU threads costs more than they save."""
-        return (self.device_type == "cpu" and rows <= ONE_THREAD_MAX_ROWS
-                and self.kernel_bytes <= ONE_THREAD_MAX_BYTES and torch.get_num_threads() > 1)
+        return self.device_type == "cpu" and rows <= ONE_THREAD_MAX_ROWS and self.kernel_bytes <= ONE_THREAD_MAX_BYTES
+
+    def _call_kernel(self, xb: torch.Tensor) -> torch.Tensor:
+        kernel = self._kernel_int4 if self.mode == "int4" else self._kernel_int8
+        small = self._one_thread(xb.shape[0])
+        if not torch.compiler.is_compiling():
+            return one_thread.on_one_thread(kernel, xb) if small and torch.get_num_threads() > 1 else kernel(xb)
+        if small or self.device_type != "cpu":        # a compiled step runs on one thread (llmopt.compiled)
+            return kernel(xb)
+        if self.mode == "int4":                       # a large call takes every thread back, opaquely
+            return one_thread.int4_mm(xb, self.w_int4, self.kernel_group, self.scales_zeros)
+        return one_thread.int8_mm(xb, self.w_int8, self.scales_bf16)
 
     def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The weight-only kernel path, whatever the number of rows."""
@@ -322,8 +323,7 @@ class QuantLinear(torch.nn.Module):
         xb = x2.to(torch.bfloat16)
         if self.mode == "int4" and self.k_pad != self.in_features:
             xb = F.pad(xb, (0, self.k_pad - self.in_features))
-        kernel = self._kernel_int4 if self.mode == "int4" else self._kernel_int8
-        y = on_one_thread(kernel, xb.contiguous()) if self._one_thread(x2.shape[0]) else kernel(xb.contiguous())
+        y = self._call_kernel(xb.contiguous())
         if self.mode == "int4":
             y = y[:, : self.out_features]
         elif self.zero_shift is not None:

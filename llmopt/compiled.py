@@ -1,0 +1,71 @@
+"""Decode steps through a `torch.compile`d forward over a static KV cache (`llmopt bench --compile`).
+
+At batch 1 a small model's decode step is mostly Python and operator dispatch: thousands of tiny
+element-wise calls (norms, rotary embedding, casts) around a few hundred matmuls (docs/runtime.md).
+Compiling fuses that element-wise work into a few C++ kernels. Compiled graphs need static shapes, so
+the KV cache is transformers' `StaticCache`, sized for the prompt and the new tokens; the prefill runs
+eagerly (its shape changes with every prompt) and every decode step through one graph, compiled once
+per model, batch and cache length. A step runs on one CPU thread but for its large calls
+(`llmopt.one_thread`); the weight-only kernels and attention stay PyTorch's own. Compiling costs tens of seconds
+to minutes of CPU time, which pays off only after thousands of tokens: `llmopt bench` reports it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any, Callable
+
+import torch
+
+from llmopt import one_thread
+
+_STEP = "_llmopt_compiled_step"
+
+
+def compiled_step(model: torch.nn.Module) -> Callable[..., Any]:
+    """The model's compiled forward, made once per model (torch.compile compiles lazily, on first call)."""
+    step = getattr(model, _STEP, None)
+    if step is None:
+        step = torch.compile(model.forward, dynamic=False)
+        setattr(model, _STEP, step)
+    return step
+
+
+def _cache(model: torch.nn.Module, cache) -> dict:
+    """The cache keyword: newer transformers 5.x name it `cache` (deprecating `past_key_values`)."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def static_cache(model: torch.nn.Module, max_len: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def prefill(model: torch.nn.Module, ids: torch.Tensor, cache) -> torch.Tensor:
+    """Run the prompt eagerly into `cache`; the next token (greedy) [batch, 1]."""
+    n = ids.shape[1]
+    out = model(input_ids=ids, cache_position=torch.arange(n, device=ids.device), use_cache=True, logits_to_keep=1,
+                **_cache(model, cache))
+    return out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def step(model: torch.nn.Module, token: torch.Tensor, cache, position: int) -> torch.Tensor:
+    """One compiled decode step at `position`; the next token (greedy) [batch, 1]."""
+    with one_thread.single_threaded():
+        out = compiled_step(model)(input_ids=token, use_cache=True, **_cache(model, cache),
+                                   cache_position=torch.tensor([position], device=token.device))
+    return out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+@torch.no_grad()
+def warm_up(model: torch.nn.Module, prompt: torch.Tensor, gen_len: int) -> float:
+    """Compile the decode step for this batch and cache length (prompt + gen_len) by running two steps;
+    the wall time in seconds, almost all of it compiling the first time."""
+    start = time.perf_counter()
+    cache = static_cache(model, prompt.shape[1] + gen_len)
+    token = prefill(model, prompt, cache)
+    for i in range(2):
+        token = step(model, token, cache, prompt.shape[1] + i)
+    return time.perf_counter() - start

@@ -1,0 +1,103 @@
+"""The compiled decode step (`llmopt.compiled`, `bench --compile`): same tokens as eager decoding, one
+graph with no breaks, one thread for the step and every thread back for its large calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmopt import compiled, kv_cache, one_thread
+from llmopt.bench.run import BenchOptions, bench
+from llmopt.models import load_model
+from llmopt.quantize import QuantizeOptions, quantize
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_single_threaded_gives_large_calls_the_outer_threads_back(two_threads):
+    seen = []
+    record = lambda: seen.append(torch.get_num_threads())       # noqa: E731
+    with one_thread.single_threaded():
+        record()
+        one_thread.on_all_threads(record)
+        one_thread.on_one_thread(record)
+        with one_thread.single_threaded():                      # nested: still the outermost count
+            one_thread.on_all_threads(record)
+    one_thread.on_all_threads(record)                            # outside: as it is
+    assert seen == [1, 2, 1, 2, 2] and torch.get_num_threads() == 2
+
+
+def test_all_threads_ops_compute_what_the_kernels_compute():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=gen).to(torch.bfloat16)
+    w = torch.randint(-128, 127, (16, 64), dtype=torch.int8, generator=gen)
+    scales = torch.rand(16, generator=gen).to(torch.bfloat16)
+    assert torch.equal(one_thread.int8_mm(x, w, scales), torch.ops.aten._weight_int8pack_mm(x, w, scales))
+    q, k, v = (torch.randn(1, 2, n, 8, generator=gen) for n in (3, 5, 5))
+    mask = torch.tensor([True, True, True, False, True]).view(1, 1, 1, 5)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    assert torch.equal(one_thread.sdpa(q, k, v, mask, 0.3), want)
+
+
+def _eager_greedy(model, ids, steps: int) -> list[int]:
+    key = next(iter(kv_cache.cache_kwargs(model)))
+    tokens = []
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True, **{key: kv_cache.growing_cache(model)})
+        for _ in range(steps):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(token))
+            out = model(input_ids=token, use_cache=True, **{key: out[key if key in out else "past_key_values"]})
+    return tokens
+
+
+@torch.no_grad()
+def _compiled_greedy(model, ids, steps: int) -> list[int]:
+    cache = compiled.static_cache(model, ids.shape[1] + steps)
+    token = compiled.prefill(model, ids, cache)
+    tokens = [int(token)]
+    for i in range(steps - 1):
+        token = compiled.step(model, token, cache, ids.shape[1] + i)
+        tokens.append(int(token))
+    return tokens
+
+
+def test_compiled_decode_of_a_gptq_model_matches_eager_in_one_graph(tiny_model_dir, tmp_path, two_threads):
+    """GQA (folded attention), fused q/k/v and gate/up, an int8 head: the compiled step's paths."""
+    src = tiny_model_dir("llama", num_attention_heads=4, num_key_value_heads=2)
+    out = tmp_path / "gptq"
+    quantize(QuantizeOptions(model=str(src), output=str(out), calib="builtin", nsamples=4, seq_len=32,
+                             device="cpu", group_size=32))
+    model = load_model(str(out), device="cpu", head="int8").model
+    from llmopt.attention import serve_attention
+
+    serve_attention(model)
+    ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(1))
+    want = _eager_greedy(model, ids, 8)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    got = _compiled_greedy(model, ids, 8)
+    assert got == want
+    assert not torch._dynamo.utils.counters["graph_break"]       # the whole step is one graph
+    assert _compiled_greedy(model, ids, 8) == want                 # reused: no recompile needed
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch.get_num_threads() == 2
+
+
+def test_bench_compile_reports_compile_time_and_times_the_compiled_step(tiny_model_dir, monkeypatch):
+    steps = []
+    real = compiled.step
+    monkeypatch.setattr(compiled, "step", lambda *a: steps.append(1) or real(*a))
+    src = str(tiny_model_dir("llama"))
+    report = bench(BenchOptions(models=[src], ppl_data="builtin", skip_quality=True, memory=False, prompt_len=16,
+                                gen_len=4, repeats=1, warmup=0, device="cpu", compile=True))
+    metrics = report["models"][0]["metrics"]
+    assert metrics["compile_s"] > 0 and metrics["decode_tok_s"] > 0
+    assert "compile" in report["method"]["speed"] and report["method"]["settings"]["compile"] is True
+    assert len(steps) == 2 + 3             # the untimed compiling run's two steps, then gen_len - 1 timed ones
