@@ -92,6 +92,7 @@ def test_int4_dequant_weight_equals_kernel_formula_exactly():
     codes = m._int4_codes_t().float()[:384, :136].t()
     group = torch.arange(384) // 128
     expected = (codes - 8) * sz[group, :136, 0].t() + sz[group, :136, 1].t()
+    assert m.cheap_dequant                                   # prefill reads this layout, no fallback
     assert torch.equal(m.dequantized_weight(torch.float32), expected)
 
 
