@@ -1,14 +1,16 @@
-"""transformers' SDPA attention, on one CPU thread when a call has only a few query tokens (decode).
+"""transformers' SDPA attention, on one CPU thread when a call has only a few query tokens (decode) and
+one thread measured faster.
 
 A decode step's attention is one query row per head over the KV cache. PyTorch's CPU flash-attention
-kernel still wakes every thread for it, and with OpenMP's passive waiting that costs more than the second
-thread saves until the cache is about a megabyte (`benchmarks/decode_threads.py --attention`;
+kernel still wakes every thread for it, and with OpenMP's passive waiting that can cost more than the
+second thread saves, until the cache is about a megabyte (`benchmarks/decode_threads.py --attention`;
 docs/runtime.md). `serve_attention` switches a model on transformers' "sdpa" to the same function
-registered as "llmopt_sdpa", which runs such calls on one thread: the same kernel on the same tensors (its sums split differently by thread count, so results
+registered as "llmopt_sdpa", which runs such calls on one thread where `llmopt.one_thread` measured that
+faster: the same kernel on the same tensors (its sums split differently by thread count, so results
 agree to float rounding, about 1e-7 relative). The name is not saved with a checkpoint (transformers keeps
 it out of config.json), so nothing written depends on it. Inside a compiled decode step
-(`llmopt.compiled`) the same choice is made from shapes alone and the call is an opaque one-thread op.
-"""
+(`llmopt.compiled`) the choice is the eager steps' measurement where there is one, else the size alone;
+a call that wants every thread is an opaque all-threads op."""
 
 from __future__ import annotations
 
@@ -26,8 +28,18 @@ ONE_THREAD_MAX_KV_BYTES = 1_500_000
 
 
 def _one_thread(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Small enough that one thread may beat all (`llmopt.one_thread` measures whether it does)."""
     return (query.device.type == "cpu" and query.shape[-2] <= ONE_THREAD_MAX_QUERIES
-            and 2 * key.numel() * key.element_size() <= ONE_THREAD_MAX_KV_BYTES)
+            and _kv_bytes(key) <= ONE_THREAD_MAX_KV_BYTES)
+
+
+def _kv_bytes(key: torch.Tensor) -> int:
+    return 2 * key.numel() * key.element_size()
+
+
+def _kind(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> tuple:
+    """What one measurement stands for: the shapes but the cache length, whose bytes count in doublings."""
+    return "sdpa", tuple(query.shape), tuple(key.shape[:2]), key.dtype, mask is None, _kv_bytes(key).bit_length()
 
 
 def _compiled_decode(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -44,7 +56,8 @@ def _compiled_decode(module, query, key, value, attention_mask, dropout=0.0, sca
         return None
     scale = dim ** -0.5 if scaling is None else scaling
     folded = query.reshape(b, kv_heads, heads // kv_heads, dim)
-    if _one_thread(query, key):        # the compiled step runs on one thread (llmopt.compiled)
+    alone = one_thread.faster_alone(_kind(query, key, mask))        # as eager steps measured it, if they did
+    if _one_thread(query, key) and alone is not False:      # the compiled step runs on one thread (llmopt.compiled)
         out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale)
     else:
         out = one_thread.sdpa(folded, key, value, mask, scale)
@@ -69,7 +82,7 @@ def _registered() -> bool:
             call = functools.partial(sdpa_attention_forward, module, query, key, value, attention_mask, *args,
                                      **kwargs)
             if _one_thread(query, key) and not torch.compiler.is_compiling() and torch.get_num_threads() > 1:
-                return one_thread.on_one_thread(call)
+                return one_thread.call_small(_kind(query, key, attention_mask), call)
             return call()
 
         AttentionInterface.register(NAME, attention)

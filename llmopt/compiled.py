@@ -6,12 +6,14 @@ Compiling fuses that element-wise work into a few C++ kernels. Compiled graphs n
 the KV cache is transformers' `StaticCache`, sized for the prompt and the new tokens; the prefill runs
 eagerly (its shape changes with every prompt) and every decode step through one graph, compiled once
 per model, batch and cache length. A step runs on one CPU thread but for its large calls
-(`llmopt.one_thread`); the weight-only kernels and attention stay PyTorch's own. Compiling costs tens of seconds
+(`llmopt.one_thread`), or on all where small calls measured faster so (`warm_up`; on an AVX2 CPU,
+whose int4 kernel is slow, all threads won); the weight-only kernels and attention stay PyTorch's own. Compiling costs tens of seconds
 to minutes of CPU time, which pays off only after thousands of tokens: `llmopt bench` reports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from typing import Any, Callable
@@ -21,6 +23,7 @@ import torch
 from llmopt import one_thread
 
 _STEP = "_llmopt_compiled_step"
+_ALONE = "_llmopt_step_alone"       # chosen by warm_up: the compiled step runs on one thread
 
 
 def compiled_step(model: torch.nn.Module) -> Callable[..., Any]:
@@ -53,19 +56,33 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor, cache) -> torch.Tensor:
 
 def step(model: torch.nn.Module, token: torch.Tensor, cache, position: int) -> torch.Tensor:
     """One compiled decode step at `position`; the next token (greedy) [batch, 1]."""
-    with one_thread.single_threaded():
-        out = compiled_step(model)(input_ids=token, use_cache=True, **_cache(model, cache),
-                                   cache_position=torch.tensor([position], device=token.device))
+    return _step(model, token, cache, position, getattr(model, _ALONE, True))
+
+
+def _step(model: torch.nn.Module, token: torch.Tensor, cache, position: int, alone: bool,
+          compiled: bool = True) -> torch.Tensor:
+    forward = compiled_step(model) if compiled else model
+    with one_thread.single_threaded() if alone else contextlib.nullcontext():
+        out = forward(input_ids=token, use_cache=True, **_cache(model, cache),
+                      cache_position=torch.tensor([position], device=token.device))
     return out.logits[:, -1].argmax(-1, keepdim=True)
 
 
 @torch.no_grad()
 def warm_up(model: torch.nn.Module, prompt: torch.Tensor, gen_len: int) -> float:
-    """Compile the decode step for this batch and cache length (prompt + gen_len) by running two steps;
-    the wall time in seconds, almost all of it compiling the first time."""
+    """Compile the decode step for this batch and cache length (prompt + gen_len) by running it; the wall
+    time in seconds, almost all of it compiling. One eager step runs first: `llmopt.one_thread` measures
+    its small calls, the graph follows those measurements, and the whole step runs on one thread where
+    most of them were faster so (on all threads elsewhere: torch.compile builds a graph per thread count,
+    so this is chosen once, before compiling)."""
     start = time.perf_counter()
-    cache = static_cache(model, prompt.shape[1] + gen_len)
+    n = prompt.shape[1]
+    cache = static_cache(model, n + gen_len)
     token = prefill(model, prompt, cache)
-    for i in range(2):
-        token = step(model, token, cache, prompt.shape[1] + i)
+    if gen_len < 2:
+        return time.perf_counter() - start        # no decode step to compile
+    token = _step(model, token, cache, n, alone=False, compiled=False)
+    setattr(model, _ALONE, one_thread.mostly_faster_alone())
+    for i in range(1, min(3, gen_len)):       # StaticCache writes at its own count: each step a next position
+        token = step(model, token, cache, n + i)
     return time.perf_counter() - start

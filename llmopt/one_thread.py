@@ -1,9 +1,12 @@
 """Small CPU calls on one thread, large ones on all, in eager mode and in a compiled decode step.
 
-With OpenMP's passive waiting (which a shared machine needs) waking the other threads costs more than
+With OpenMP's passive waiting (which a shared machine needs) waking the other threads can cost more than
 they save on a decode step's small calls: the weight-only kernels on weights up to about 1 MB, attention
 over a small KV cache, and every element-wise kernel (`benchmarks/decode_threads.py`, docs/runtime.md).
-Eager code switches to one thread around each small call (`on_one_thread`). A compiled decode step
+Whether it does depends on the CPU: on an AVX-512 EPYC one thread won every such call, on an AVX2 one
+(whose int4 kernel is 2-3x slower per call) two threads won most. So the choice is measured, not
+assumed: the first time a process makes a small call of a kind (`call_small`, keyed by its shapes), it
+times it a few times on one thread and on all, and keeps the faster. A compiled decode step
 (`llmopt.compiled`) runs on one thread as a whole (`single_threaded`), and its few large calls (a big
 output head, attention over a long cache) switch to every thread inside custom operators: torch.compile
 cannot trace a change of the thread count, but keeps such an operator as one opaque call.
@@ -12,12 +15,15 @@ cannot trace a change of the thread count, but keeps such an operator as one opa
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+import time
+from typing import Callable, Hashable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 _all_threads: int | None = None        # the thread count outside `single_threaded`, while inside it
+_faster_alone: dict[Hashable, bool] = {}   # per kind of small call: measured faster on one thread than on all
+_TIMED_REPEATS = 5
 
 
 def on_one_thread(fn: Callable, *args):
@@ -39,6 +45,37 @@ def _on_threads(n: int, fn: Callable, *args):
         return fn(*args)
     finally:
         torch.set_num_threads(threads)
+
+
+def call_small(key: Hashable, fn: Callable, *args):
+    """fn(*args) (pure: it may be called more than once) on one thread or on all, whichever ran this kind
+    of call (`key`) faster when this process first made it."""
+    alone = _faster_alone.get(key)
+    if alone is None:
+        alone = _faster_alone[key] = _measure(fn, args)
+    return on_one_thread(fn, *args) if alone else fn(*args)
+
+
+def faster_alone(key: Hashable) -> bool | None:
+    """What `call_small` measured for `key`; None before it did."""
+    return _faster_alone.get(key)
+
+
+def mostly_faster_alone() -> bool:
+    """Most kinds of small call measured so far ran faster on one thread (True when none was measured)."""
+    alone = sum(_faster_alone.values())
+    return 2 * alone >= len(_faster_alone)
+
+
+def _measure(fn: Callable, args: tuple) -> bool:
+    """Time fn on one thread and on all, interleaved, best of a few each: one thread's is the faster?"""
+    threads, best = torch.get_num_threads(), {}
+    for _ in range(_TIMED_REPEATS):
+        for n in (1, threads):
+            start = time.perf_counter()
+            _on_threads(n, fn, *args)
+            best[n] = min(best.get(n, float("inf")), time.perf_counter() - start)
+    return best[1] <= best[threads]
 
 
 @contextlib.contextmanager

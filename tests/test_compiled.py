@@ -33,6 +33,29 @@ def test_single_threaded_gives_large_calls_the_outer_threads_back(two_threads):
     assert seen == [1, 2, 1, 2, 2] and torch.get_num_threads() == 2
 
 
+@pytest.mark.parametrize("slow_on", [1, 2])
+def test_small_calls_take_the_thread_count_measured_faster_once_per_kind(slow_on, two_threads, monkeypatch):
+    import time
+
+    monkeypatch.setattr(one_thread, "_faster_alone", {})
+    calls = []
+
+    def fn(x):
+        calls.append(torch.get_num_threads())
+        if torch.get_num_threads() == slow_on:
+            time.sleep(0.003)
+        return x + 1
+
+    assert one_thread.faster_alone("k") is None
+    assert one_thread.call_small("k", fn, 1) == 2
+    assert sorted(set(calls)) == [1, 2] and len(calls) > 2          # measured on both counts, then ran
+    assert one_thread.faster_alone("k") is (slow_on == 2)
+    calls.clear()
+    one_thread.call_small("k", fn, 1)
+    assert calls == [3 - slow_on]                                    # measured once: the faster count only
+    assert torch.get_num_threads() == 2
+
+
 def test_all_threads_ops_compute_what_the_kernels_compute():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 64, generator=gen).to(torch.bfloat16)
@@ -88,6 +111,30 @@ def test_compiled_decode_of_a_gptq_model_matches_eager_in_one_graph(tiny_model_d
     assert _compiled_greedy(model, ids, 8) == want                 # reused: no recompile needed
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_warm_up_runs_the_step_on_the_thread_count_small_calls_measured_faster(alone, tiny_model_dir, two_threads,
+                                                                             monkeypatch):
+    monkeypatch.setattr(one_thread, "_faster_alone", {})
+    monkeypatch.setattr(one_thread, "_measure", lambda fn, args: alone)
+    src = tiny_model_dir("llama", num_attention_heads=4, num_key_value_heads=2)
+    model = load_model(str(src), device="cpu").model
+    from llmopt.attention import serve_attention
+
+    serve_attention(model)
+    ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(1))
+    want = _eager_greedy(model, ids, 6)
+    torch._dynamo.reset()
+    compiled.warm_up(model, ids, 6)
+    assert one_thread._faster_alone                                  # the eager step measured its small calls
+    assert model._llmopt_step_alone is alone
+    seen, real = [], compiled.compiled_step
+    monkeypatch.setattr(compiled, "compiled_step",
+                        lambda m: (lambda **kw: seen.append(torch.get_num_threads()) or real(m)(**kw)))
+    assert _compiled_greedy(model, ids, 6) == want
+    assert set(seen) == {1 if alone else 2} and torch.get_num_threads() == 2
 
 
 def test_bench_compile_reports_compile_time_and_times_the_compiled_step(tiny_model_dir, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from llmopt import attention, kv_cache
+from llmopt import attention, kv_cache, one_thread
 from llmopt.generate import GenerateOptions, generate
 from llmopt.models import load_model
 from llmopt.quantize import QuantizeOptions, qlinear, quantize, runtime
@@ -146,8 +146,16 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def one_thread_measures_faster(monkeypatch):
+    """Every small call's measurement says one thread (which CPU wins is llmopt.one_thread's to measure)."""
+    monkeypatch.setattr(one_thread, "_faster_alone", {})
+    monkeypatch.setattr(one_thread, "_measure", lambda fn, args: True)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
-def test_small_kernel_calls_run_on_one_thread_and_large_ones_on_all(bits, two_threads, monkeypatch):
+def test_small_kernel_calls_run_on_one_thread_and_large_ones_on_all(bits, two_threads, one_thread_measures_faster,
+                                                                   monkeypatch):
     n, k = 128, 64
     gen = torch.Generator().manual_seed(0)
     q = torch.randint(0, 2 ** bits, (n, k), dtype=torch.int32, generator=gen)
@@ -171,7 +179,8 @@ def test_small_kernel_calls_run_on_one_thread_and_large_ones_on_all(bits, two_th
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_decode_attention_runs_on_one_thread_with_the_same_logits(arch, tiny_model_dir, two_threads, monkeypatch):
+def test_decode_attention_runs_on_one_thread_with_the_same_logits(arch, tiny_model_dir, two_threads,
+                                                                  one_thread_measures_faster, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     layers = 6 if arch == "gemma3" else 2

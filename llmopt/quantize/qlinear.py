@@ -298,15 +298,18 @@ class QuantLinear(torch.nn.Module):
         return torch.ops.aten._weight_int8pack_mm(xb, self.w_int8, self.scales_bf16)
 
     def _one_thread(self, rows: int) -> bool:
-        """Whether this call is small enough that waking the other CPU threads costs more than they save."""
+        """Whether this call is small enough that waking the other CPU threads may cost more than they save
+        (`llmopt.one_thread` measures whether it does)."""
         return self.device_type == "cpu" and rows <= ONE_THREAD_MAX_ROWS and self.kernel_bytes <= ONE_THREAD_MAX_BYTES
 
     def _call_kernel(self, xb: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel_int4 if self.mode == "int4" else self._kernel_int8
         small = self._one_thread(xb.shape[0])
+        key = (self.mode, self.kernel_bytes, self.k_pad if self.mode == "int4" else self.in_features, xb.shape[0])
         if not torch.compiler.is_compiling():
-            return one_thread.on_one_thread(kernel, xb) if small and torch.get_num_threads() > 1 else kernel(xb)
-        if small or self.device_type != "cpu":        # a compiled step runs on one thread (llmopt.compiled)
+            return one_thread.call_small(key, kernel, xb) if small and torch.get_num_threads() > 1 else kernel(xb)
+        # a compiled step runs on one thread (llmopt.compiled); where eager calls measured faster on all, so is this
+        if self.device_type != "cpu" or (small and one_thread.faster_alone(key) is not False):
             return kernel(xb)
         if self.mode == "int4":                       # a large call takes every thread back, opaquely
             return one_thread.int4_mm(xb, self.w_int4, self.kernel_group, self.scales_zeros)
