@@ -3,6 +3,7 @@ and, with --attention, one thread or all for a decode step's attention.
 
     OMP_WAIT_POLICY=passive python benchmarks/decode_threads.py
     OMP_WAIT_POLICY=passive python benchmarks/decode_threads.py --attention
+    OMP_WAIT_POLICY=passive python benchmarks/decode_threads.py --decode out/runtime-bench/smollm2-135m-gptq4
 
 Times PyTorch's CPU int4 (`_weight_int4pack_mm_for_cpu`) and int8 (`_weight_int8pack_mm`) kernels on
 random weights of SmolLM2-135M's and larger shapes, at a few row counts, on one thread and on
@@ -13,7 +14,10 @@ is where `llmopt.quantize.qlinear.ONE_THREAD_MAX_BYTES` / `ONE_THREAD_MAX_ROWS` 
 cache of SmolLM2-135M's and Gemma3-270M's attention shapes, in the two forms transformers calls it in
 (grouped-query heads with no mask; query heads folded into the query length, with the sliding-window
 mask), at a few cache lengths: where `llmopt.attention.ONE_THREAD_MAX_QUERIES` and
-`ONE_THREAD_MAX_KV_BYTES` come from.
+`ONE_THREAD_MAX_KV_BYTES` come from. Those limits only bound which calls may go to one thread; whether
+one does is measured at run time (`llmopt.one_thread.call_small`). `--decode MODEL` times eager greedy
+decoding of MODEL (`llmopt.bench.speed.time_generation`, 512-token wiki.test prompt) with that measured
+choice, with every small call on one thread, and with none, interleaved, and prints what was measured.
 """
 
 from __future__ import annotations
@@ -90,13 +94,46 @@ def attention(rounds: int, many: int) -> None:
     torch.set_num_threads(many)
 
 
+def decode(spec: str, rounds: int, gen_len: int = 64) -> None:
+    """Eager decode tok/s: small calls on the measured thread count, always on one thread, never."""
+    from llmopt import one_thread
+    from llmopt.bench.speed import time_generation
+    from llmopt.data import load_text, random_windows, tokenize
+    from llmopt.models import load_model
+
+    loaded = load_model(spec, device="cpu", head="auto")
+    ids = random_windows(tokenize(loaded.tokenizer, load_text("auto", "eval").text[:200_000]), 1, 512, 0)
+    choices = {"measured": one_thread._measure, "always one thread": lambda fn, args: True,
+               "never one thread": lambda fn, args: False}
+    caches: dict[str, dict] = {name: {} for name in choices}
+    tok_s: dict[str, list[float]] = {name: [] for name in choices}
+    names = list(choices)
+    for r in range(rounds + 1):                        # round 0 warms up (and measures), discarded
+        for name in (names if r % 2 else names[::-1]):
+            one_thread._faster_alone, one_thread._measure = caches[name], choices[name]
+            t = time_generation(loaded.model, ids, gen_len)
+            if r:
+                tok_s[name].append((gen_len - 1) / t.decode_s)
+    print(f"{spec}: eager decode tok/s, prompt 512, {gen_len} new tokens, {torch.get_num_threads()} threads, "
+          f"median of {rounds} interleaved rounds")
+    for name in names:
+        print(f"  {name:18} {statistics.median(tok_s[name]):6.1f}")
+    measured = caches["measured"]
+    print(f"measured: {sum(measured.values())} of {len(measured)} kinds of small call faster on one thread")
+    for key, alone in measured.items():
+        print(f"  {key}: {'one thread' if alone else 'all threads'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rows", default="1,4,8,16")
     ap.add_argument("--attention", action="store_true", help="time decode attention instead of the kernels")
+    ap.add_argument("--decode", metavar="MODEL", help="time eager decoding of MODEL by how small calls choose threads")
     args = ap.parse_args()
     many = torch.get_num_threads()
+    if args.decode:
+        return decode(args.decode, args.rounds)
     if args.attention:
         return attention(args.rounds, many)
     rows = [int(r) for r in args.rows.split(",")]

@@ -21,9 +21,21 @@ from typing import Any, Callable
 import torch
 
 from llmopt import one_thread
+from llmopt.errors import UserError
 
 _STEP = "_llmopt_compiled_step"
 _ALONE = "_llmopt_step_alone"       # chosen by warm_up: the compiled step runs on one thread
+
+
+def check_compilable(model, name: str) -> None:
+    """Refuse models with sliding-window layers (Gemma3): transformers' static sliding-window cache keeps
+    its length in a Python int, so torch.compile specializes on it and compiles again at every step."""
+    if not isinstance(model, torch.nn.Module):
+        return                                  # llama.cpp: not compiled
+    kinds = set(getattr(model.config, "layer_types", None) or ())
+    if any("sliding" in k for k in kinds):
+        raise UserError(f"--compile cannot compile {name}: its sliding-window attention layers would be "
+                        "compiled again at every decode step", hint="bench it without --compile")
 
 
 def compiled_step(model: torch.nn.Module) -> Callable[..., Any]:

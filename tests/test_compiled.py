@@ -148,3 +148,11 @@ def test_bench_compile_reports_compile_time_and_times_the_compiled_step(tiny_mod
     assert metrics["compile_s"] > 0 and metrics["decode_tok_s"] > 0
     assert "compile" in report["method"]["speed"] and report["method"]["settings"]["compile"] is True
     assert len(steps) == 2 + 3             # the untimed compiling run's two steps, then gen_len - 1 timed ones
+
+
+def test_bench_compile_refuses_sliding_window_models_before_measuring(tiny_model_dir, cli, tmp_path):
+    out_csv = tmp_path / "b.csv"
+    code, out, err = cli("bench", tiny_model_dir("gemma3"), "--compile", "--csv", out_csv, "--ppl-data", "builtin",
+                         "--device", "cpu", "--prompt-len", "8", "--gen-len", "2", "--repeats", "1")
+    assert code == 2 and "sliding-window" in err and "without --compile" in err, err
+    assert not out_csv.exists() and not out
