@@ -60,8 +60,6 @@ def main() -> None:
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, prompt {args.prompt_len}, "
           f"{args.gen_len} new tokens, {args.repeats} interleaved rounds")
     loaded = [load_model(spec, device="cpu", head="auto") for spec in args.models]
-    for spec, l in zip(args.models, loaded):
-        compiled.check_compilable(l.model, spec)
     text = load_text("auto", "eval").text
     prompts = [random_windows(tokenize(l.tokenizer, text[:200_000]), 1, args.prompt_len, 0) for l in loaded]
     compile_s, same = [], []

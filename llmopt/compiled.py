@@ -21,21 +21,9 @@ from typing import Any, Callable
 import torch
 
 from llmopt import one_thread
-from llmopt.errors import UserError
 
 _STEP = "_llmopt_compiled_step"
 _ALONE = "_llmopt_step_alone"       # chosen by warm_up: the compiled step runs on one thread
-
-
-def check_compilable(model, name: str) -> None:
-    """Refuse models with sliding-window layers (Gemma3): transformers' static sliding-window cache keeps
-    its length in a Python int, so torch.compile specializes on it and compiles again at every step."""
-    if not isinstance(model, torch.nn.Module):
-        return                                  # llama.cpp: not compiled
-    kinds = set(getattr(model.config, "layer_types", None) or ())
-    if any("sliding" in k for k in kinds):
-        raise UserError(f"--compile cannot compile {name}: its sliding-window attention layers would be "
-                        "compiled again at every decode step", hint="bench it without --compile")
 
 
 def compiled_step(model: torch.nn.Module) -> Callable[..., Any]:
@@ -53,9 +41,17 @@ def _cache(model: torch.nn.Module, cache) -> dict:
 
 
 def static_cache(model: torch.nn.Module, max_len: int):
+    """transformers' StaticCache with a full-length layer for every layer, sliding-window ones included:
+    its sliding-window layer keeps its length in a Python int, which torch.compile specializes on, so the
+    step would be compiled again at every position. The model's sliding-window mask still limits what
+    those layers attend to (same logits: tests/test_compiled.py); they read up to max_len cached tokens
+    instead of the window."""
     from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
 
-    return StaticCache(config=model.config, max_cache_len=max_len)
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    cache.layers = [StaticLayer(max_cache_len=max_len) for _ in cache.layers]
+    return cache
 
 
 def prefill(model: torch.nn.Module, ids: torch.Tensor, cache) -> torch.Tensor:

@@ -150,9 +150,24 @@ def test_bench_compile_reports_compile_time_and_times_the_compiled_step(tiny_mod
     assert len(steps) == 2 + 3             # the untimed compiling run's two steps, then gen_len - 1 timed ones
 
 
-def test_bench_compile_refuses_sliding_window_models_before_measuring(tiny_model_dir, cli, tmp_path):
-    out_csv = tmp_path / "b.csv"
-    code, out, err = cli("bench", tiny_model_dir("gemma3"), "--compile", "--csv", out_csv, "--ppl-data", "builtin",
-                         "--device", "cpu", "--prompt-len", "8", "--gen-len", "2", "--repeats", "1")
-    assert code == 2 and "sliding-window" in err and "without --compile" in err, err
-    assert not out_csv.exists() and not out
+@torch.no_grad()
+def test_compiled_steps_of_a_sliding_window_model_match_eager_logits_in_one_graph(tiny_tokenizer):
+    """Gemma3: a 40-token prompt over a 32-token window, so the sliding mask decides the logits."""
+    from conftest import build_tiny
+
+    model = build_tiny("gemma3", tiny_tokenizer, num_hidden_layers=6)
+    ids = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(2))
+    key = next(iter(kv_cache.cache_kwargs(model)))
+    eager = model(input_ids=ids, use_cache=True, **{key: kv_cache.growing_cache(model)})
+    cache = compiled.static_cache(model, 40 + 8)
+    compiled.prefill(model, ids, cache)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    gen = torch.Generator().manual_seed(3)
+    for i in range(8):
+        token = torch.randint(3, 500, (1, 1), generator=gen)
+        eager = model(input_ids=token, use_cache=True, **{key: eager[key] if key in eager else eager["past_key_values"]})
+        got = compiled.compiled_step(model)(input_ids=token, use_cache=True, **compiled._cache(model, cache),
+                                            cache_position=torch.tensor([40 + i]))
+        assert torch.allclose(got.logits, eager.logits, rtol=0, atol=1e-5 * float(eager.logits.abs().max())), i
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

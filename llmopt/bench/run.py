@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from llmopt import compiled
 from llmopt.bench.llamacpp import LlamaCppLM, gguf_facts, load_llamacpp, resolve_gguf_runtime
 from llmopt.bench.quality import WindowStats, compare_models
 from llmopt.bench.report import check_replaceable, write_csv, write_plot
@@ -285,9 +284,6 @@ def bench(opts: BenchOptions, progress: Progress = SILENT) -> dict:
     text = load_text(source, "eval", opts.data_dir)          # a bad data source fails before any loading
     gguf_runtime = resolve_gguf_runtime(opts.gguf_runtime, device)
     entries = _entries(opts, progress, gguf_runtime)
-    if opts.compile and not opts.skip_speed:
-        for e in entries:
-            compiled.check_compilable(e.loaded.model, e.name)
     corpora, same = _tokenize(entries, text.text, progress)
     bos = [bos_id(e.loaded.tokenizer) for e in entries]
     if not opts.skip_speed:
