@@ -217,6 +217,15 @@ class QuantLinear(torch.nn.Module):
         codes = torch.cat([b & 15, b >> 4], dim=-1)       # [Nb, Kp, B]
         return codes.transpose(0, 1).reshape(self.k_pad, self.n_pad)
 
+    def int4_codes_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Codes [M, Kp] of output rows `rows` (int64 [M]) from the CPU kernel's buffer (`_int4_codes_t`'s
+        layout), without unpacking the others: a tied embedding's lookup."""
+        block = _cpu_block()
+        b = self.w_int4.view(self.n_pad // block, self.k_pad, block // 2)
+        within = rows % block
+        raw = b[rows // block, :, within % (block // 2)]                    # [M, Kp]
+        return torch.where((within < block // 2).unsqueeze(1), raw & 15, raw >> 4)
+
     def _int4_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         """W [r1 - r0, Kp] in `dtype` for output rows r0:r1 (multiples of 64), from the CPU kernel's buffer:
         nibbles split straight into W's row order (one strided pass over the packed bytes), then

@@ -37,7 +37,6 @@ _QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx")
 EMBEDDINGS_FROM_HEAD = True
 # run sibling projections (q/k/v, gate/up) as one quantized matmul (llmopt.quantize.fusion)
 FUSE_SIBLINGS = True
-_CPU_BLOCK_N = 64     # output rows per block of the CPU int4 kernel's weight buffer
 
 
 def head_rows(head: QuantLinear, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -48,11 +47,7 @@ def head_rows(head: QuantLinear, ids: torch.Tensor, dtype: torch.dtype) -> torch
     out_dtype, dtype = dtype, torch.float32
     flat = ids.reshape(-1).long()
     if head.mode == "int4" and getattr(head, "cheap_dequant", False):
-        # CPU int4 buffer: blocks of 64 rows; byte j of each input row holds row j (low nibble), 32 + j (high)
-        b = head.w_int4.view(head.n_pad // _CPU_BLOCK_N, head.k_pad, _CPU_BLOCK_N // 2)
-        within = flat % _CPU_BLOCK_N
-        raw = b[flat // _CPU_BLOCK_N, :, within % (_CPU_BLOCK_N // 2)]          # [M, Kp]
-        codes = torch.where((within < _CPU_BLOCK_N // 2).unsqueeze(1), raw & 15, raw >> 4)
+        codes = head.int4_codes_of_rows(flat)                                  # [M, Kp]
         sz = head.scales_zeros[:, flat].float()                                # [Kp/kg, M, 2]
         scale, offset = sz[..., 0].t(), (sz[..., 1] - 8 * sz[..., 0]).t()       # [M, Kp/kg]
         q = codes.to(dtype).view(len(flat), -1, head.kernel_group)
