@@ -34,15 +34,9 @@ from llmopt.models import load_model  # noqa: E402
 
 @torch.no_grad()
 def greedy(model, prompt: torch.Tensor, n: int, use_compiled: bool) -> list[int]:
-    """n greedy tokens, eagerly (dynamic cache) or through the compiled step (static cache)."""
+    """n greedy tokens, eagerly (transformers' generate) or through the compiled step (static cache)."""
     if use_compiled:
-        cache = compiled.static_cache(model, prompt.shape[1] + n)
-        token = compiled.prefill(model, prompt, cache)
-        out = [int(token)]
-        for i in range(n - 1):
-            token = compiled.step(model, token, cache, prompt.shape[1] + i)
-            out.append(int(token))
-        return out
+        return compiled.greedy(model, prompt, n)
     ids = model.generate(prompt, max_new_tokens=n, do_sample=False, min_new_tokens=n)
     return ids[0, prompt.shape[1]:].tolist()
 

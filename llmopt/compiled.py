@@ -14,13 +14,13 @@ to minutes of CPU time, which pays off only after thousands of tokens: `llmopt b
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from typing import Any, Callable
 
 import torch
 
 from llmopt import one_thread
+from llmopt.kv_cache import cache_keyword
 
 _STEP = "_llmopt_compiled_step"
 _ALONE = "_llmopt_step_alone"       # chosen by warm_up: the compiled step runs on one thread
@@ -33,11 +33,6 @@ def compiled_step(model: torch.nn.Module) -> Callable[..., Any]:
         step = torch.compile(model.forward, dynamic=False)
         setattr(model, _STEP, step)
     return step
-
-
-def _cache(model: torch.nn.Module, cache) -> dict:
-    """The cache keyword: newer transformers 5.x name it `cache` (deprecating `past_key_values`)."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
 def static_cache(model: torch.nn.Module, max_len: int):
@@ -58,7 +53,7 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor, cache) -> torch.Tensor:
     """Run the prompt eagerly into `cache`; the next token (greedy) [batch, 1]."""
     n = ids.shape[1]
     out = model(input_ids=ids, cache_position=torch.arange(n, device=ids.device), use_cache=True, logits_to_keep=1,
-                **_cache(model, cache))
+                **{cache_keyword(model): cache})
     return out.logits[:, -1].argmax(-1, keepdim=True)
 
 
@@ -71,9 +66,21 @@ def _step(model: torch.nn.Module, token: torch.Tensor, cache, position: int, alo
           compiled: bool = True) -> torch.Tensor:
     forward = compiled_step(model) if compiled else model
     with one_thread.single_threaded() if alone else contextlib.nullcontext():
-        out = forward(input_ids=token, use_cache=True, **_cache(model, cache),
+        out = forward(input_ids=token, use_cache=True, **{cache_keyword(model): cache},
                       cache_position=torch.tensor([position], device=token.device))
     return out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+@torch.no_grad()
+def greedy(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> list[int]:
+    """n greedy tokens after prompt [1, len]: the eager prefill, then n - 1 compiled steps."""
+    cache = static_cache(model, prompt.shape[1] + n)
+    token = prefill(model, prompt, cache)
+    tokens = [int(token)]
+    for i in range(n - 1):
+        token = step(model, token, cache, prompt.shape[1] + i)
+        tokens.append(int(token))
+    return tokens
 
 
 @torch.no_grad()

@@ -134,11 +134,16 @@ def growing_cache(model: torch.nn.Module) -> DynamicCache:
     return cache
 
 
-def cache_kwargs(model: torch.nn.Module) -> dict:
-    """A fresh growing cache under the keyword this transformers version reads: `cache` in newer 5.x
-    (`past_key_values` deprecated there), `past_key_values` in earlier ones."""
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The cache keyword this transformers version reads: `cache` in newer 5.x (`past_key_values`
+    deprecated there), `past_key_values` in earlier ones."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         params = {}
-    return {"cache" if "cache" in params else "past_key_values": growing_cache(model)}
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module) -> dict:
+    """A fresh growing cache under `cache_keyword`."""
+    return {cache_keyword(model): growing_cache(model)}

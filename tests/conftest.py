@@ -75,6 +75,15 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
 
 
 @pytest.fixture
+def two_threads():
+    """torch on two threads for the test (the thread choices under test need more than one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def cli(capsys):
     """Run `llmopt ARGS...` in-process; returns (exit_code, stdout, stderr)."""
     from llmopt.cli import main

@@ -12,14 +12,6 @@ from llmopt.models import load_model
 from llmopt.quantize import QuantizeOptions, quantize
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_single_threaded_gives_large_calls_the_outer_threads_back(two_threads):
     seen = []
     record = lambda: seen.append(torch.get_num_threads())       # noqa: E731
@@ -69,7 +61,7 @@ def test_all_threads_ops_compute_what_the_kernels_compute():
 
 
 def _eager_greedy(model, ids, steps: int) -> list[int]:
-    key = next(iter(kv_cache.cache_kwargs(model)))
+    key = kv_cache.cache_keyword(model)
     tokens = []
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True, **{key: kv_cache.growing_cache(model)})
@@ -77,17 +69,6 @@ def _eager_greedy(model, ids, steps: int) -> list[int]:
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(int(token))
             out = model(input_ids=token, use_cache=True, **{key: out[key if key in out else "past_key_values"]})
-    return tokens
-
-
-@torch.no_grad()
-def _compiled_greedy(model, ids, steps: int) -> list[int]:
-    cache = compiled.static_cache(model, ids.shape[1] + steps)
-    token = compiled.prefill(model, ids, cache)
-    tokens = [int(token)]
-    for i in range(steps - 1):
-        token = compiled.step(model, token, cache, ids.shape[1] + i)
-        tokens.append(int(token))
     return tokens
 
 
@@ -105,10 +86,10 @@ def test_compiled_decode_of_a_gptq_model_matches_eager_in_one_graph(tiny_model_d
     want = _eager_greedy(model, ids, 8)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    got = _compiled_greedy(model, ids, 8)
+    got = compiled.greedy(model, ids, 8)
     assert got == want
     assert not torch._dynamo.utils.counters["graph_break"]       # the whole step is one graph
-    assert _compiled_greedy(model, ids, 8) == want                 # reused: no recompile needed
+    assert compiled.greedy(model, ids, 8) == want                 # reused: no recompile needed
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert torch.get_num_threads() == 2
     assert torch.get_num_threads() == 2
@@ -133,7 +114,7 @@ def test_warm_up_runs_the_step_on_the_thread_count_small_calls_measured_faster(a
     seen, real = [], compiled.compiled_step
     monkeypatch.setattr(compiled, "compiled_step",
                         lambda m: (lambda **kw: seen.append(torch.get_num_threads()) or real(m)(**kw)))
-    assert _compiled_greedy(model, ids, 6) == want
+    assert compiled.greedy(model, ids, 6) == want
     assert set(seen) == {1 if alone else 2} and torch.get_num_threads() == 2
 
 
@@ -157,7 +138,7 @@ def test_compiled_steps_of_a_sliding_window_model_match_eager_logits_in_one_grap
 
     model = build_tiny("gemma3", tiny_tokenizer, num_hidden_layers=6)
     ids = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(2))
-    key = next(iter(kv_cache.cache_kwargs(model)))
+    key = kv_cache.cache_keyword(model)
     eager = model(input_ids=ids, use_cache=True, **{key: kv_cache.growing_cache(model)})
     cache = compiled.static_cache(model, 40 + 8)
     compiled.prefill(model, ids, cache)
@@ -167,7 +148,7 @@ def test_compiled_steps_of_a_sliding_window_model_match_eager_logits_in_one_grap
     for i in range(8):
         token = torch.randint(3, 500, (1, 1), generator=gen)
         eager = model(input_ids=token, use_cache=True, **{key: eager[key] if key in eager else eager["past_key_values"]})
-        got = compiled.compiled_step(model)(input_ids=token, use_cache=True, **compiled._cache(model, cache),
+        got = compiled.compiled_step(model)(input_ids=token, use_cache=True, **{key: cache},
                                             cache_position=torch.tensor([40 + i]))
         assert torch.allclose(got.logits, eager.logits, rtol=0, atol=1e-5 * float(eager.logits.abs().max())), i
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -57,7 +57,7 @@ def test_a_sibling_called_out_of_turn_or_on_a_changed_input_computes_afresh(tiny
 
 
 def _greedy(model, ids, steps: int, cache) -> tuple[list[int], torch.Tensor]:
-    key = next(iter(kv_cache.cache_kwargs(model)))
+    key = kv_cache.cache_keyword(model)
     tokens, logits = [], []
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True, **{key: cache})
@@ -136,14 +136,6 @@ def test_generate_greedy_text_unchanged_by_the_growing_cache(tiny_model_dir, tin
     monkeypatch.setattr(kv_cache, "growing_cache", lambda m: DynamicCache(config=m.config))
     want = generate(model, tiny_tokenizer, opts).tokens
     assert used and got == want
-
-
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -71,7 +71,8 @@ METHOD_TEXT = {
     "decode_tok_s": "(gen_len - 1) / time from the first token to the last, batch 1",
     "compile": "--compile: every PyTorch model's decode steps run through torch.compile (inductor) over a static "
                "KV cache of prompt_len + gen_len tokens, the prefill eagerly; compile_s = wall time of a first, "
-               "untimed generation of two steps (almost all of it compiling), before the warm-up rounds",
+               "untimed prefill and up to three decode steps (one eager, whose small calls choose their thread "
+               "count; then compiled: almost all of the time), before the warm-up rounds",
     "batch_decode_tok_s": "batch x (gen_len - 1) / decode time, at --batch N",
     "weight_bandwidth_pct": "weight_bandwidth_gb_s as a percentage of memory_bandwidth_gb_s, the machine's "
                             "copy bandwidth (bytes read + written by one 256 MiB tensor copy, best of 5) "
