@@ -6,8 +6,8 @@
 Scores the residual channels on --nsamples calibration windows of wiki.valid.raw (as `llmopt prune`
 does), then removes channels only (no heads, MLP channels or layers) to each --hidden size and
 prints the mean loss on --windows held-out calibration windows for: the activation importance with
-the norm compensation (what prune does), the same without the compensation, and seeded random
-channels with the compensation.
+the norm compensation and the least-squares refit of the projections that read the stream (what
+prune does), the same without the refit, without either, and seeded random channels with both.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
     arch = arch_for(text_config(model.config))
     calib, _ = text_windows(tok, "wikitext2", "calib", args.seq_len, nsamples=args.nsamples, seed=args.seed)
     held, _ = text_windows(tok, "wikitext2", "calib", args.seq_len, nsamples=args.windows, seed=args.seed + 7919)
-    stats = hid.HiddenStats()
+    stats = hid.HiddenStats(grams=True)
     with stats.capture(model, arch):
         slicing.forward_all(model, calib)
     h = text_config(model.config).hidden_size
@@ -52,11 +52,14 @@ def main() -> None:
     for size in (int(x) for x in args.hidden.split(",")):
         chosen = hid.keep_channels(scores, size)
         rand = hid.keep_channels(torch.rand(h, generator=torch.Generator().manual_seed(args.seed)), size)
-        for name, keep, compensate in (("activation importance, compensated (prune)", chosen, True),
-                                       ("activation importance, not compensated", chosen, False),
-                                       ("random channels, compensated", rand, True)):
+        plain = copy.copy(stats)
+        plain.grams = None
+        for name, keep, using in (("activation importance, compensated, refit (prune)", chosen, stats),
+                                  ("activation importance, compensated, no refit", chosen, plain),
+                                  ("activation importance, neither", chosen, None),
+                                  ("random channels, compensated, refit", rand, stats)):
             trial = copy.deepcopy(model)
-            hid.apply(trial, arch, keep, stats if compensate else None)
+            hid.apply(trial, arch, keep, using)
             print(f"hidden {size}: {name}: held-out loss {slicing.calibration_loss(trial, held):.4f}", flush=True)
             del trial
 

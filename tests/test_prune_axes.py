@@ -177,6 +177,42 @@ def test_without_norm_compensation_dead_channels_change_the_logits(tiny_tokenize
     assert (_logits(model, ids) - before).abs().max() > 1e-2
 
 
+def _q0(model, ids) -> torch.Tensor:
+    """Layer 0's q_proj output: what the refit of the stream-reading projections aims to keep."""
+    seen = []
+    hook = decoder_layers(model)[0].self_attn.q_proj.register_forward_hook(lambda m, a, o: seen.append(o))
+    _logits(model, ids)
+    hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("arch,overrides", ARCHS, ids=IDS)
+def test_hidden_refit_rebuilds_what_removed_channels_fed_the_projections(arch, overrides, tiny_tokenizer):
+    """When the stream's channels are correlated (here: a rank-8 embedding), the channels removed are
+    linear in the kept ones, and the least-squares refit of q/k/v/gate/up keeps layer 0's queries far
+    closer to the original than slicing the same columns without it."""
+    model = build_tiny(arch, tiny_tokenizer, **overrides)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb.copy_(torch.randn(emb.shape[0], 8, generator=g) @ torch.randn(8, emb.shape[1], generator=g) / 8)
+    a = arch_for(model.config)
+    ids = _ids()
+    before = _q0(model, ids)
+    m = _measured(model, axes=("hidden",))
+    assert m.hidden.grams, "--reconstruct (the default) measures the norm-output Grams"
+    keep = hid.keep_channels(m.hidden.scores(), 40)
+    plain = copy.copy(m.hidden)
+    plain.grams = None
+    errors = []
+    for stats in (m.hidden, plain):
+        trial = copy.deepcopy(model)
+        hid.apply(trial, a, keep, stats)
+        errors.append((_q0(trial, ids) - before).norm().item() / before.norm().item())
+    refit, sliced = errors
+    assert refit < 0.25 * sliced, errors
+
+
 def test_a_layer_that_adds_nothing_costs_nothing_to_skip_and_to_remove(tiny_tokenizer):
     model = build_tiny("gemma3", tiny_tokenizer, layer_types=GEMMA_TYPES)
     with torch.no_grad():

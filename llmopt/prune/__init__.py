@@ -228,7 +228,7 @@ def measure(model: torch.nn.Module, arch: Arch, geo: Geometry, opts: PruneOption
             windows: torch.Tensor, progress: Progress = SILENT) -> Measured:
     """Score every structure of every axis on the calibration windows."""
     grams = slicing.Grams() if opts.reconstruct or opts.importance in imp.NEEDS_GRAMS else None
-    stats = hid.HiddenStats() if "hidden" in axes else None
+    stats = hid.HiddenStats(grams=opts.reconstruct) if "hidden" in axes else None
     with ExitStack() as stack:
         for c in (grams, stats):
             if c is not None:

@@ -35,6 +35,8 @@ class Arch:
     mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")   # rows removed together
     mlp_out: str = "mlp.down_proj"                                # columns removed with them
     head_norms: tuple[str, ...] = ()                              # per-head_dim norms, kept as they are
+    attn_norm: str = "input_layernorm"            # the norm whose output q, k and v read
+    mlp_norm: str = "post_attention_layernorm"    # the norm whose output the MLP inputs read
     norm_offset: float = 0.0          # RMSNorm multiplies by (offset + weight): Gemma's 1 + w
     scaled_embeddings: bool = False   # embeddings times sqrt(config.hidden_size) inside the model
 
@@ -47,8 +49,9 @@ ARCHS: dict[str, Arch] = {
     "mistral": Arch("Mistral"),
     "qwen2": Arch("Qwen2"),
     "qwen3": Arch("Qwen3", head_norms=_QK_NORM),
-    "gemma2": Arch("Gemma2", norm_offset=1.0, scaled_embeddings=True),
-    "gemma3_text": Arch("Gemma3", head_norms=_QK_NORM, norm_offset=1.0, scaled_embeddings=True),
+    "gemma2": Arch("Gemma2", norm_offset=1.0, scaled_embeddings=True, mlp_norm="pre_feedforward_layernorm"),
+    "gemma3_text": Arch("Gemma3", head_norms=_QK_NORM, norm_offset=1.0, scaled_embeddings=True,
+                        mlp_norm="pre_feedforward_layernorm"),
 }
 
 SUPPORTED = "Llama (incl. SmolLM), Mistral, Qwen2, Qwen3, Gemma2, Gemma3 (text)"
