@@ -41,8 +41,9 @@ def prune(
                                             "mlp (MLP channels only) or a fraction in [0, 1] taken from attention "
                                             "(nearest feasible).")] = D.split,
     reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct",
-                                              help="Refit the kept columns of o_proj / down_proj by least squares "
-                                                   "on calibration activations.")] = D.reconstruct,
+                                              help="Refit the kept columns of o_proj / down_proj (and, when "
+                                                   "hidden channels go, of q/k/v and the MLP inputs) by least "
+                                                   "squares on calibration activations.")] = D.reconstruct,
     calib: Annotated[str, typer.Option(help="Calibration text: auto (wikitext2 when a data dir is set, else "
                                             "builtin), wikitext2, c4, builtin or a .txt/.jsonl path.")] = D.calib,
     nsamples: Annotated[int, typer.Option(help="Calibration windows (one forward/backward each for taylor).")

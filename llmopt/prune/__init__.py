@@ -60,7 +60,7 @@ class PruneOptions:
     layers: str = "all"                # which layers lose structures; a standard config needs all of them
     multiple_of: int = 8               # the kept MLP width and hidden size are multiples of this
     split: str = "auto"                # auto | mlp | share of the width budget taken from attention
-    reconstruct: bool = True           # least-squares refit of o_proj / down_proj on calibration data
+    reconstruct: bool = True           # least-squares refit of o/down_proj (q/k/v, MLP inputs if hidden goes)
     data_dir: str | None = None
     device: str = "auto"
     dtype: str = "auto"
