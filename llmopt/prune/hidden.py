@@ -82,11 +82,11 @@ class HiddenStats:
                     x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                     sq = x * x
                     share = (sq / sq.sum(-1, keepdim=True).clamp_min(1e-30)).sum(0).cpu()
-                    y = output.detach().reshape(-1, output.shape[-1]).float().abs().sum(0).cpu()
+                    o = output.detach().reshape(-1, output.shape[-1]).float()
+                    y = o.abs().sum(0).cpu()
                     self.energy[name] = share if name not in self.energy else self.energy[name] + share
                     self.abs_out[name] = y if name not in self.abs_out else self.abs_out[name] + y
                     if gram:
-                        o = output.detach().reshape(-1, output.shape[-1]).float()
                         g = (o.T @ o).cpu()
                         self.grams[name] = g if name not in self.grams else self.grams[name] + g
                     if name == first:
@@ -165,10 +165,10 @@ def apply(model: torch.nn.Module, arch: Arch, keep: torch.Tensor, stats: HiddenS
     elif head is not None:
         _slice(head, keep, rows=False)
     name_of = {id(m): n for n, m in norms.items()}
-    grams = stats.grams if stats is not None and stats.grams else {}
+    grams = (stats.grams if stats is not None else None) or {}
     for layer in decoder_layers(model):
         for norm, names in ((arch.attn_norm, (arch.q, arch.k, arch.v)), (arch.mlp_norm, arch.mlp_in)):
-            gram = grams.get(name_of.get(id(module(layer, norm)), ""))
+            gram = grams.get(name_of[id(module(layer, norm))])
             for name in names:
                 _slice(module(layer, name), keep, rows=False, gram=gram)
         for name in (arch.o, arch.mlp_out):
