@@ -7,9 +7,10 @@ For each model: `llmopt quantize MODEL --method gptq` (the defaults except the c
 reused when OUT already holds it), then two `llmopt bench` runs, each one process with interleaved
 rounds: against the float32 original (with quality: perplexity, KL, top-1 agreement) and against the
 bfloat16 original (`--dtype bfloat16`: every model's unquantized tensors and activations in bf16;
-speed only). Both with `--head auto` (the runtime's default: the full-precision head served as int8
-on CPU); the float32 run is repeated for each of `--heads` (default `full` and `int4`: one bench run
-each, ratios against its own baseline), so the head's share in speed, memory and quality is visible. Then the greedy continuation of the README's prompt from both models.
+speed only). Both with `--head auto` (the runtime's default: the full-precision head served mixed,
+int8 and int4 rows, on CPU); the float32 run is repeated for each of `--heads` (default `int8`, `full`
+and `int4`: one bench run each, ratios against its own baseline), so the head's share in speed, memory
+and quality is visible. Then the greedy continuation of the README's prompt from both models.
 Prints one markdown table per model; the full bench reports go to OUT/<model>-<dtype>.json.
 """
 
@@ -107,7 +108,7 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--heads", nargs="*", default=["full", "int4"],
+    ap.add_argument("--heads", nargs="*", default=["int8", "full", "int4"],
                     help="other --head values, each a float32 bench run of its own beside the auto one")
     args = ap.parse_args()
     out = Path(args.out)

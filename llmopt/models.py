@@ -317,7 +317,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", progress: P
                tokenizer: bool = True, head: str = "full") -> LoadedModel:
     """Load MODEL for inference or transformation. Raises UserError for anything the user can fix.
     `head` is how llmopt's own runtime serves a quantized checkpoint's full-precision output head
-    (`llmopt.quantize.runtime.runtime_head`); the default keeps it as stored, which transforms need."""
+    (`llmopt.quantize.head.runtime_head`); the default keeps it as stored, which transforms need."""
     dev = parse_device(device)
     torch_dtype = parse_dtype(dtype, dev)
     check_head(head)
@@ -360,14 +360,15 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", progress: P
     return LoadedModel(model.eval(), tok, source, dev, provenance=read_provenance(path))
 
 
-HEADS = ("auto", "int8", "int4", "full")
+HEADS = ("auto", "mixed", "int8", "int4", "full")
 
 
 def check_head(head: str) -> None:
-    """`--head`: auto (int8 on CPU), int8, int4 or full; only quantized checkpoints' runtimes act on it."""
+    """`--head`: auto (mixed on CPU), mixed, int8, int4 or full; only quantized checkpoints' runtimes act on it."""
     if head not in HEADS:
         raise UserError(f"--head {head!r} is not one of {', '.join(HEADS)}",
-                        hint="auto (8-bit on CPU), int8, int4, or full (the checkpoint's own precision)")
+                        hint="auto (mixed on CPU), mixed (likely rows 8-bit, the rest 4-bit), int8, int4, "
+                             "or full (the checkpoint's own precision)")
 
 
 def _load_hub(source: Source, dev: torch.device, torch_dtype: torch.dtype, progress: Progress,

@@ -17,7 +17,8 @@ from llmopt.info import weight_bytes
 from llmopt.models import load_model
 from llmopt.quantize import QuantizeOptions, packing, quantize, runtime
 from llmopt.quantize.qlinear import QuantLinear
-from llmopt.quantize.runtime import QuantEmbedding, module_grid
+from llmopt.quantize.head import QuantEmbedding
+from llmopt.quantize.runtime import module_grid
 
 _HEAD_KEYS = {f"lm_head.{k}" for k in ("qweight", "qzeros", "scales", "g_idx")}
 

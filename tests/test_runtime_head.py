@@ -1,4 +1,5 @@
-"""`--head`: llmopt's runtime serving a GPTQ checkpoint's full-precision output head as 8-bit codes.
+"""`--head`: llmopt's runtime serving a GPTQ checkpoint's full-precision output head as 8-bit, 4-bit or
+mixed codes.
 
 The checkpoint is not changed (transformers must still read it); what changes is what bench and
 generate run, so the logits must be those of the int8-rounded head, the tied embeddings must come
@@ -15,7 +16,8 @@ import torch
 from llmopt.models import load_model
 from llmopt.quantize import QuantizeOptions, quantize
 from llmopt.quantize.qlinear import QuantLinear
-from llmopt.quantize.runtime import QuantEmbedding, round_head
+from llmopt.quantize.head import (HEAD_INT8_MASS, HEAD_SAMPLE_TOKENS, MixedHead, QuantEmbedding, round_head,
+                                  runtime_head, token_mass)
 
 
 def _gptq(src, out, **kw):
@@ -60,9 +62,13 @@ def test_int8_head_logits_are_the_int8_rounded_heads(arch, tiny_model_dir, tmp_p
         assert torch.allclose(emb.float(), rows, rtol=1e-2, atol=1e-3)
 
 
-def test_auto_is_int8_on_cpu_and_transforms_load_the_head_as_stored(tiny_model_dir, tmp_path):
+def test_auto_is_mixed_on_cpu_and_transforms_load_the_head_as_stored(tiny_model_dir, tmp_path):
     out = _gptq(tiny_model_dir("llama"), tmp_path / "q")
-    assert isinstance(load_model(str(out), device="cpu", head="auto").model.lm_head, QuantLinear)
+    auto = load_model(str(out), device="cpu", head="auto").model
+    mixed = load_model(str(out), device="cpu", head="mixed").model
+    assert runtime_head("auto", torch.device("cpu")) == "mixed" and runtime_head("auto", torch.device("cuda")) == "full"
+    assert auto.runtime_head == mixed.runtime_head == "int8"      # a random model finds every row likely
+    assert torch.equal(auto.lm_head.dequantized_weight(), mixed.lm_head.dequantized_weight())
     # load_model's default is what transforms (quantize, prune, distill) need: the stored head
     assert isinstance(load_model(str(out), device="cpu").model.lm_head, torch.nn.Linear)
 
@@ -82,7 +88,7 @@ def test_bench_says_which_model_had_its_head_rounded(tiny_model_dir, tmp_path, c
                             "--seq-len", "32", "--ppl-windows", "2", "--json")
     assert code == 0, err
     rows = {r["role"]: r for r in json.loads(stdout)["models"]}
-    assert rows["model"]["runtime_head"] == "int8" and rows["baseline"]["runtime_head"] is None
+    assert rows["model"]["runtime_head"] == "int8" and rows["baseline"]["runtime_head"] is None   # auto
     code, stdout, err = cli("bench", str(out), "--baseline", str(src), "--skip-speed", "--ppl-data", "builtin",
                             "--seq-len", "32", "--ppl-windows", "2", "--head", "full", "--json")
     assert code == 0, err
@@ -136,3 +142,54 @@ def test_bench_json_names_the_int4_head(tiny_model_dir, tmp_path, cli):
                             "--ppl-windows", "2", "--head", "int4", "--json")
     assert code == 0, err
     assert json.loads(stdout)["models"][0]["runtime_head"] == "int4"
+
+
+def _sharpened(model):
+    """The model with its final norm's gain x30: peaked next-token distributions, as a trained model has
+    (a tiny random one spreads its probability over the whole vocabulary)."""
+    norm = model.model.norm
+    offset = 1.0 if model.config.model_type.startswith("gemma") else 0.0      # Gemma's norm scales by (1 + w)
+    norm.weight.data = (norm.weight.data + offset) * 30 - offset
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2"])   # tied, tied + scaled embeddings, untied
+def test_mixed_head_serves_the_likeliest_rows_in_int8_and_the_rest_in_int4(arch, tiny_model_dir, tmp_path):
+    out = _gptq(tiny_model_dir(arch), tmp_path / "q")
+    full = _sharpened(load_model(str(out), device="cpu", head="full").model)
+    mixed = _sharpened(load_model(str(out), device="cpu", head="full").model)
+    assert round_head(mixed, "mixed") == "mixed"
+    head = mixed.lm_head
+    assert isinstance(head, MixedHead)
+    assert head.wide.mode == "int8" and head.narrow.mode == "int4" and head.narrow.group_size == 32
+    vocab = full.lm_head.out_features
+    assert head.out_features == vocab and 0 < head.wide.out_features < vocab
+    # the int8 rows: the fewest that hold HEAD_INT8_MASS of the probability over the tokens the stored model
+    # samples (any row with more mass than one of them is among them)
+    mass = token_mass(full, HEAD_SAMPLE_TOKENS)
+    wide = torch.zeros(vocab, dtype=torch.bool)
+    wide[head.wide_ids] = True
+    assert mass[wide].sum() >= HEAD_INT8_MASS * mass.sum() > mass[wide].sum() - mass[wide].min()
+    assert mass[~wide].max() <= mass[wide].min()
+    w = full.lm_head.weight.detach().float()
+    reference = _int4_groups(w)
+    reference[head.wide_ids] = _int8_rows(w[head.wide_ids])
+    x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = head(x)
+    expected = x @ reference.t()
+    assert torch.linalg.norm(y - expected) / torch.linalg.norm(expected) < 1e-2     # bf16 activations
+    assert torch.linalg.norm(y - x @ w.t()) / torch.linalg.norm(expected) > 1e-3     # really rounded
+    emb = mixed.get_input_embeddings()
+    assert isinstance(emb, QuantEmbedding) == full.config.tie_word_embeddings
+    if isinstance(emb, QuantEmbedding):      # rows from both parts, in the vocabulary's order
+        ids = torch.cat([head.wide_ids[:2], head.narrow_ids[:2]])
+        scale = getattr(full.get_input_embeddings(), "embed_scale", None)
+        rows = reference[ids] * (1.0 if scale is None else scale.float())
+        assert torch.allclose(emb(ids).float(), rows, rtol=1e-2, atol=1e-3)
+
+
+def test_mixed_head_is_int8_when_every_row_is_likely(tiny_model_dir, tmp_path):
+    out = _gptq(tiny_model_dir("llama"), tmp_path / "q")      # random weights: probability spread over all rows
+    model = load_model(str(out), device="cpu", head="mixed").model
+    assert model.runtime_head == "int8" and model.lm_head.mode == "int8"

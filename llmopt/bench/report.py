@@ -170,6 +170,10 @@ def _quant(q: dict | None) -> str:
     return f"{method}{'' if bits is None else f' {bits}-bit'}"
 
 
+HEAD_ROUNDING = {"int8": "int8", "int4": "int4",
+                 "mixed": "int8 for the rows the model finds likeliest and int4 for the rest"}
+
+
 def _caption(report: dict) -> str:
     m = report.get("method", {})
     s = m.get("settings", {})
@@ -179,10 +183,10 @@ def _caption(report: dict) -> str:
         parts.append(f"quality: {m.get('ppl_data_description') or m.get('ppl_data')}, {s.get('seq_len')}-token "
                      f"windows (cap {s.get('ppl_windows') or 'none'})"
                      + (f"; BOS first in each window for {', '.join(dict.fromkeys(bos))}" if bos else ""))
-    for bits in ("int8", "int4"):
-        rounded = [r["name"] for r in report["models"] if r.get("runtime_head") == bits]
+    for served, how in HEAD_ROUNDING.items():
+        rounded = [r["name"] for r in report["models"] if r.get("runtime_head") == served]
         if rounded:
-            parts.append(f"output head stored in full precision, rounded to {bits} at load by llmopt's runtime "
+            parts.append(f"output head stored in full precision, rounded to {how} at load by llmopt's runtime "
                          f"(--head) for {', '.join(dict.fromkeys(rounded))}")
     parts.extend(_runtimes(report))
     if m.get("speed"):

@@ -47,9 +47,12 @@ Device = Annotated[str, typer.Option("--device", help="auto (CUDA if present, el
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, "
                                                     "bfloat16 or float16.")]
 Head = Annotated[str, typer.Option("--head", help="How llmopt's runtime serves a quantized checkpoint's "
-                                                  "full-precision output head: auto (int8 on CPU, where it "
-                                                  "reads 4x fewer bytes per token), int8, int4 (8x fewer; "
-                                                  "costs more quality), or full (as stored).")]
+                                                  "full-precision output head: auto (mixed on CPU, full "
+                                                  "elsewhere), mixed (8-bit for the quarter of rows the model "
+                                                  "finds likeliest, 4-bit for the rest: about 5x fewer bytes "
+                                                  "per token than float32 at the quality of int8), int8 (4x "
+                                                  "fewer), int4 (6x fewer; costs more quality), or full "
+                                                  "(as stored).")]
 Json = Annotated[bool, typer.Option("--json", help="Print a JSON object on stdout instead of human output.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists: --force replaces only an earlier "
                                                      "llmopt output or an empty folder.")]
