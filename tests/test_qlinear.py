@@ -96,6 +96,15 @@ def test_int4_dequant_weight_equals_kernel_formula_exactly():
     assert torch.equal(m.dequantized_weight(torch.float32), expected)
 
 
+def test_a_misread_int4_layout_turns_the_cheap_dequant_off(monkeypatch):
+    block = qlinear._cpu_block()
+    monkeypatch.setattr(qlinear, "_cpu_block", lambda: 16 if block != 16 else 32)   # not the kernel's layout
+    m, _, _ = _layer(200, 256, 4, 64, False, seed=3)      # several blocks of rows: only some are probed
+    assert not m.cheap_dequant
+    monkeypatch.setattr(qlinear, "_cpu_block", lambda: block)
+    assert _layer(200, 256, 4, 64, False, seed=3)[0].cheap_dequant        # the right layout passes the probe
+
+
 def test_forward_switches_to_dequant_from_dequant_min_rows(monkeypatch):
     m, _, _ = _layer(64, 128, 4, 64, True)
     calls = []

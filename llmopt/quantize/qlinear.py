@@ -158,7 +158,7 @@ class QuantLinear(torch.nn.Module):
         kp = _ceil_to(k, max(kg, 128) if cuda else kg)
         np_ = _ceil_to(n, 8 if cuda else _CPU_BLOCK_N)
         codes = torch.full((np_, kp), 8, dtype=torch.int32)
-        codes[:n, :k] = q.to(torch.int32)
+        codes[:n, :k].copy_(q)
         # per kernel group: the original group of its first column
         first = torch.arange(0, kp, kg).clamp(max=k - 1)
         s = scales.float()[g[first]]                      # [Kp/kg, N]
@@ -178,8 +178,11 @@ class QuantLinear(torch.nn.Module):
         self.perm = perm.to(device) if perm is not None else None
         self.mode = "int4"
         self.kernel_bytes = self.w_int4.numel() * self.w_int4.element_size()
-        # prefill dequantizes from the kernel's own CPU buffer; check that we read its layout right
-        self.cheap_dequant = not cuda and torch.equal(self._int4_codes_t().t().to(torch.int32), codes.to(device))
+        # prefill dequantizes from the kernel's own CPU buffer; check that we read its layout right, on the
+        # first and last blocks of rows (the layout repeats per block; a whole vocabulary-sized head takes seconds)
+        probe = torch.cat([torch.arange(min(np_, 2 * _CPU_BLOCK_N)), torch.arange(max(0, np_ - _CPU_BLOCK_N), np_)])
+        self.cheap_dequant = not cuda and torch.equal(self.int4_codes_of_rows(probe.to(device)).to(torch.int32).cpu(),
+                                                      codes[probe])
         self.zero_offsets = bool((sz[..., 1] != 0).any())   # symmetric layers skip the add
 
     def _init_int8(self, q, zeros, scales, device) -> None:
