@@ -48,9 +48,9 @@ Dtype = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloa
                                                     "bfloat16 or float16.")]
 Head = Annotated[str, typer.Option("--head", help="How llmopt's runtime serves a quantized checkpoint's "
                                                   "full-precision output head: auto (mixed on CPU, full "
-                                                  "elsewhere), mixed (8-bit for the quarter of rows the model "
-                                                  "finds likeliest, 4-bit for the rest: about 5x fewer bytes "
-                                                  "per token than float32 at the quality of int8), int8 (4x "
+                                                  "elsewhere), mixed (8-bit for the rows the model finds "
+                                                  "likely, 4-bit for the rest: about 5x fewer bytes per token "
+                                                  "than float32, near int8's quality), int8 (4x "
                                                   "fewer), int4 (6x fewer; costs more quality), or full "
                                                   "(as stored).")]
 Json = Annotated[bool, typer.Option("--json", help="Print a JSON object on stdout instead of human output.")]

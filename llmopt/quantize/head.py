@@ -45,15 +45,14 @@ class MixedHead(torch.nn.Module):
     """An output head in two parts: `wide` (int8) holds the vocabulary rows `wide_rows`, `narrow` (int4)
     the others; each output row is computed by its part alone and put back at its vocabulary index."""
 
-    def __init__(self, wide: QuantLinear, narrow: QuantLinear, wide_rows: torch.Tensor) -> None:
+    def __init__(self, wide: QuantLinear, narrow: QuantLinear, wide_rows: torch.Tensor,
+                 narrow_rows: torch.Tensor) -> None:
         super().__init__()
         self.wide, self.narrow = wide, narrow
         self.in_features = wide.in_features
         self.out_features = wide.out_features + narrow.out_features
-        taken = torch.zeros(self.out_features, dtype=torch.bool)
-        taken[wide_rows] = True
         device = next(wide.buffers()).device
-        order = torch.cat([wide_rows.long(), (~taken).nonzero().view(-1)])      # vocabulary id of each part row
+        order = torch.cat([wide_rows, narrow_rows]).long()                     # vocabulary id of each part row
         slot = torch.empty(self.out_features, dtype=torch.int32).index_copy_(
             0, order, torch.arange(self.out_features, dtype=torch.int32))      # part row of each vocabulary id
         self.register_buffer("wide_ids", order[:wide.out_features].to(device), persistent=False)
@@ -159,10 +158,11 @@ def round_head(model: torch.nn.Module, served: str) -> str | None:
         return None
     w = head.weight.detach()
     bias = None if head.bias is None else head.bias.detach()
+    fits = w.shape[1] % HEAD_INT4_GROUP == 0
     wide_rows = None
-    if served == "mixed" and w.shape[1] % HEAD_INT4_GROUP == 0:
+    if served == "mixed" and fits:
         wide_rows = likely_rows(token_mass(model, HEAD_SAMPLE_TOKENS), HEAD_INT8_MASS)
-    if served == "int4" and w.shape[1] % HEAD_INT4_GROUP == 0:
+    if served == "int4" and fits:
         module = _rounded(w, bias, 4)
     elif wide_rows is not None and len(wide_rows) < w.shape[0]:
         module = _mixed(w, bias, wide_rows)
@@ -208,9 +208,12 @@ def _mixed(w: torch.Tensor, bias: torch.Tensor | None, wide_rows: torch.Tensor) 
     """The mixed head of `w`: rows `wide_rows` in int8, the others in int4."""
     rest = torch.ones(w.shape[0], dtype=torch.bool)
     rest[wide_rows] = False
-    parts = [(rows.to(w.device), bits) for rows, bits in ((wide_rows, 8), (rest.nonzero().view(-1), 4))]
-    wide, narrow = (_rounded(w[r], None if bias is None else bias[r.to(bias.device)], bits) for r, bits in parts)
-    return MixedHead(wide, narrow, wide_rows)
+    narrow_rows = rest.nonzero().view(-1)
+
+    def part(rows: torch.Tensor, bits: int) -> QuantLinear:
+        return _rounded(w[rows.to(w.device)], None if bias is None else bias[rows.to(bias.device)], bits)
+
+    return MixedHead(part(wide_rows, 8), part(narrow_rows, 4), wide_rows, narrow_rows)
 
 
 def likely_rows(mass: torch.Tensor, share: float) -> torch.Tensor:
