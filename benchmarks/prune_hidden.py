@@ -1,13 +1,15 @@
-"""Hidden-size pruning alone: what the channel importance and the RMSNorm compensation are worth.
+"""Hidden-size pruning alone: what the channel importance, the refit and the RMSNorm compensation are worth.
 
     OMP_WAIT_POLICY=passive LLMOPT_DATA=/path/to/wikitext-2-raw \
         python benchmarks/prune_hidden.py --model smollm2-135m --hidden 552,504
 
 Scores the residual channels on --nsamples calibration windows of wiki.valid.raw (as `llmopt prune`
-does), then removes channels only (no heads, MLP channels or layers) to each --hidden size and
-prints the mean loss on --windows held-out calibration windows for: the activation importance with
-the norm compensation and the least-squares refit of the projections that read the stream (what
-prune does), the same without the refit, without either, and seeded random channels with both.
+does, one forward/backward pass each), then removes channels only (no heads, MLP channels or layers)
+to each --hidden size and prints the mean loss on --windows held-out calibration windows for: the
+Taylor importance with the norm compensation and the least-squares refit of the projections that
+read the stream (what prune does), the activation importance with both (what prune did before, and
+still does with a gradient-free --importance), the activation importance without the refit and
+without either, and --seeds seeded draws of random channels with both.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import torch
 from llmopt.data import text_windows
 from llmopt.models import load_model
 from llmopt.prune import hidden as hid
+from llmopt.prune import importance as imp
 from llmopt.prune import slicing
-from llmopt.prune.structure import arch_for, text_config
+from llmopt.prune.structure import arch_for, geometry, text_config
 
 
 def main() -> None:
@@ -35,6 +38,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=3, help="random draws of channels")
     args = ap.parse_args()
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()} "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; python {' '.join(sys.argv)}", flush=True)
@@ -45,19 +49,23 @@ def main() -> None:
     held, _ = text_windows(tok, "wikitext2", "calib", args.seq_len, nsamples=args.windows, seed=args.seed + 7919)
     stats = hid.HiddenStats(grams=True)
     with stats.capture(model, arch):
-        slicing.forward_all(model, calib)
+        layers, _ = imp.gradient_scores(model, arch, geometry(model.config, arch), calib)
+    taylor = torch.stack([s.hidden for s in layers]).sum(0)
     h = text_config(model.config).hidden_size
     print(f"unpruned (hidden {h}): held-out loss {slicing.calibration_loss(model, held):.4f}", flush=True)
-    scores = stats.scores()
+    plain = copy.copy(stats)
+    plain.grams = None
     for size in (int(x) for x in args.hidden.split(",")):
-        chosen = hid.keep_channels(scores, size)
-        rand = hid.keep_channels(torch.rand(h, generator=torch.Generator().manual_seed(args.seed)), size)
-        plain = copy.copy(stats)
-        plain.grams = None
-        for name, keep, using in (("activation importance, compensated, refit (prune)", chosen, stats),
-                                  ("activation importance, compensated, no refit", chosen, plain),
-                                  ("activation importance, neither", chosen, None),
-                                  ("random channels, compensated, refit", rand, stats)):
+        active = hid.keep_channels(stats.scores(), size)
+        runs = [("Taylor importance, compensated, refit (prune)", hid.keep_channels(taylor, size), stats),
+                ("activation importance, compensated, refit", active, stats),
+                ("activation importance, compensated, no refit", active, plain),
+                ("activation importance, neither", active, None)]
+        for k in range(args.seeds):
+            draw = torch.rand(h, generator=torch.Generator().manual_seed(args.seed + k))
+            runs.append((f"random channels (seed {args.seed + k}), compensated, refit", hid.keep_channels(draw, size),
+                         stats))
+        for name, keep, using in runs:
             trial = copy.deepcopy(model)
             hid.apply(trial, arch, keep, using)
             print(f"hidden {size}: {name}: held-out loss {slicing.calibration_loss(trial, held):.4f}", flush=True)

@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny
 from llmopt.info import count_parameters
-from llmopt.prune import Measured, PruneOptions, build, measure, plan, prune
+from llmopt.prune import Measured, PruneOptions, build, measure, plan, prune, rank_channels
 from llmopt.prune import depth as dep
 from llmopt.prune import hidden as hid
 from llmopt.prune import slicing
+from llmopt.prune.slicing import calibration_loss
 from llmopt.prune.plan import Shape, full_shape, parse_axes, parse_count
 from llmopt.prune.structure import Widths, arch_for, decoder_layers, geometry
 from llmopt.recipes import build_options
@@ -59,6 +60,8 @@ def test_hidden_pruning_writes_a_standard_checkpoint(arch, overrides, tmp_path, 
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()     # plain transformers
     h = summary["hidden_after"]
     assert h < 64 and h % 8 == 0 and pruned.config.hidden_size == h
+    assert [r["hidden"] for r in summary["channel_scores"]] == [h]       # both channel scores were measured
+    assert set(summary["channel_scores"][0]["calibration_loss"]) == {"activation", "taylor"}
     assert summary["layers_after"] == 3 and summary["widths_after"] == summary["widths_before"]
     assert pruned.model.embed_tokens.weight.shape == (len(tiny_tokenizer), h)
     assert pruned.lm_head.weight.shape == (len(tiny_tokenizer), h)
@@ -155,13 +158,57 @@ def test_removing_dead_hidden_channels_keeps_the_logits(arch, overrides, tmp_pat
     ids = _ids()
     before = _logits(model, ids)
     m = _measured(model, axes=("hidden",))
-    keep = hid.keep_channels(m.hidden.scores(), 64 - len(dead))
-    assert set(range(64)) - set(keep.tolist()) == set(dead)
+    assert set(m.channels) == {"activation", "taylor"}
+    for score in m.channels.values():
+        assert set(range(64)) - set(hid.keep_channels(score, 64 - len(dead)).tolist()) == set(dead)
     geo = geometry(model.config, a)
     build(model, a, geo, Shape(64 - len(dead), 3, full_shape(geo).widths), m)
     torch.testing.assert_close(_logits(model, ids), before, rtol=1e-4, atol=1e-4)
     reloaded = AutoModelForCausalLM.from_pretrained(_saved(model, tiny_tokenizer, tmp_path / "m")).eval()
     torch.testing.assert_close(_logits(reloaded, ids), before, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_nothing_reads_rank_last_by_taylor_and_first_by_activation(tiny_tokenizer):
+    """With a gradient pass (taylor-obs, the default) residual channels are ranked by Taylor over the
+    projections that read and write them: a channel no layer reads or writes scores zero however large
+    the embedding makes it. The activation score (without gradients) ranks the same channels first."""
+    model = build_tiny("llama", tiny_tokenizer)
+    a = arch_for(model.config)
+    loud = [3, 20, 41]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, loud] *= 50
+        for layer in decoder_layers(model):
+            for name in (a.q, a.k, a.v, *a.mlp_in):
+                layer.get_submodule(name).weight[:, loud] = 0
+            for name in (a.o, a.mlp_out):
+                layer.get_submodule(name).weight[loud] = 0
+    geo = geometry(model.config, a)
+    windows = torch.cat([_ids(32, seed=k) for k in range(3)])
+    scores = measure(model, a, geo, PruneOptions("m", "o", **FAST), ("hidden",), windows).channels
+    assert set(torch.argsort(scores["taylor"])[:3].tolist()) == set(loud)
+    assert set(torch.argsort(scores["activation"], descending=True)[:3].tolist()) == set(loud)
+    without_gradients = measure(model, a, geo, PruneOptions("m", "o", importance="l2", **FAST), ("hidden",), windows)
+    assert list(without_gradients.channels) == ["activation"]
+
+
+def test_each_hidden_size_uses_the_channel_score_that_lost_least_there(tiny_tokenizer):
+    model = build_tiny("llama", tiny_tokenizer)
+    a = arch_for(model.config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, :8] *= 20     # channels whose removal the model notices
+    m = _measured(model, axes=("hidden",))
+    m.channels = {"loud first": m.channels["activation"], "loud last": -m.channels["activation"]}
+    selection = _ids(32, seed=9)
+    rows = rank_channels(model, a, m, [56, 40], selection)
+    for size, row in zip((56, 40), rows):
+        losses = {}
+        for name, score in m.channels.items():
+            trial = copy.deepcopy(model)
+            hid.apply(trial, a, hid.keep_channels(score, size), m.hidden)
+            losses[name] = round(calibration_loss(trial, selection), 4)
+        assert row["calibration_loss"] == losses and losses["loud first"] != losses["loud last"]
+        assert m.ranking[size] == row["chosen"] == min(losses, key=losses.get)
+        assert m.channel_scores(size) is m.channels[row["chosen"]]
 
 
 def test_without_norm_compensation_dead_channels_change_the_logits(tiny_tokenizer):
@@ -201,7 +248,7 @@ def test_hidden_refit_rebuilds_what_removed_channels_fed_the_projections(arch, o
     before = _q0(model, ids)
     m = _measured(model, axes=("hidden",))
     assert m.hidden.grams, "--reconstruct (the default) measures the norm-output Grams"
-    keep = hid.keep_channels(m.hidden.scores(), 40)
+    keep = hid.keep_channels(m.channel_scores(40), 40)
     plain = copy.copy(m.hidden)
     plain.grams = None
     errors = []
@@ -318,5 +365,6 @@ def test_cli_prints_the_plans_measured(cli, tiny_model_dir, tmp_path):
                        "--calib", "builtin", "--nsamples", "2", "--seq-len", "32")
     assert code == 0, err
     assert "plans measured" in err and "chosen" in err and "hidden size" in err and "layers" in err
+    assert "channel scores" in err and "activation" in err and "taylor" in err
     code, out, _ = cli("prune", "--help")
     assert code == 0 and "--axes" in out and "--target-params" in out

@@ -72,6 +72,8 @@ def prune(
     if json:
         print_json(summary)
         return
+    if summary["channel_scores"]:
+        err_console.print(_channels_table(summary))
     if summary["plans_tried"]:
         err_console.print(_plans_table(summary))
     before, after = summary["widths_before"], summary["widths_after"]
@@ -109,4 +111,17 @@ def _plans_table(summary: dict) -> Table:
         table.add_row(p["stage"], str(p["hidden"]), str(p["layers"]), f"{p['heads']} / {p['kv_heads']}",
                       str(p["intermediate"]), human_count(p["parameters"]), f"{p['calibration_loss']:.4f}",
                       "chosen" if shape == chosen else "")
+    return table
+
+
+def _channels_table(summary: dict) -> Table:
+    """Per hidden size tried, the held-out loss of removing only channels, by each channel score; every plan
+    at that size uses the lower."""
+    rows = summary["channel_scores"]
+    names = list(rows[0]["calibration_loss"])
+    table = Table(title="channel scores (held-out loss, channels alone)", title_justify="left")
+    for name in ("hidden", *names, "used"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(str(r["hidden"]), *(f"{r['calibration_loss'][n]:.4f}" for n in names), r["chosen"])
     return table

@@ -9,7 +9,8 @@ type with smaller `hidden_size` / `num_hidden_layers` / `num_attention_heads` /
 Steps: plan from the config alone (fails fast on a budget the axes cannot meet), load, score on
 calibration text (heads and channels: `importance`; residual channels: `hidden`; layers: the loss
 without each, `depth`), then choose the plan by measurement: every width split first (as
-`--split auto` always did), then plans that take shares of the budget from the hidden size and
+`--split auto` always did), then, at each hidden size the grid tries, the channel score (activation
+or Taylor) that loses less, then plans that take shares of the budget from the hidden size and
 from depth (`plan.grid`), then every width split at the best of those; each candidate is built
 (`build`) and its loss measured on held-out calibration windows. The lowest wins; every candidate
 and its loss goes into llmopt.json.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -220,8 +221,14 @@ class Measured:
 
     width: list                         # LayerScores per layer (heads, KV groups, MLP channels)
     grams: slicing.Grams | None         # for the least-squares refit
-    hidden: hid.HiddenStats | None      # residual-channel importance and norm statistics
+    hidden: hid.HiddenStats | None      # norm statistics (compensation, refit Grams)
     skip: list[float] | None            # the calibration loss without each layer
+    channels: dict[str, torch.Tensor] = field(default_factory=dict)   # residual-channel importance, by score
+    ranking: dict[int, str] = field(default_factory=dict)   # hidden size -> the score measured best there
+    ranked: list[dict] = field(default_factory=list)        # what choosing `ranking` measured
+
+    def channel_scores(self, hidden: int) -> torch.Tensor:
+        return self.channels[self.ranking.get(hidden, next(iter(self.channels)))]
 
 
 def measure(model: torch.nn.Module, arch: Arch, geo: Geometry, opts: PruneOptions, axes: tuple[str, ...],
@@ -244,7 +251,43 @@ def measure(model: torch.nn.Module, arch: Arch, geo: Geometry, opts: PruneOption
         scores = refit if scores is None else imp.combine(scores, refit, geo)
     skip = dep.skip_losses(model, windows[:DEPTH_WINDOWS], slicing.calibration_loss, progress) \
         if "depth" in axes else None
-    return Measured(scores, grams if opts.reconstruct else None, stats, skip)
+    return Measured(scores, grams if opts.reconstruct else None, stats, skip, _channel_scores(scores, stats, opts))
+
+
+def _channel_scores(scores: list | None, stats: hid.HiddenStats | None, opts: PruneOptions) -> dict:
+    """Residual-channel importance: activation (Minitron's: the mean |output| of the norms) and, when
+    the gradient pass ran, Taylor over the projections that read and write each channel. Neither wins
+    everywhere (on Gemma3-270M Taylor keeps far better channels, on SmolLM2-135M activation does), so
+    the plan search measures both at every hidden size it tries."""
+    if stats is None:
+        return {}
+    out = {"activation": stats.scores()}
+    if opts.importance in imp.NEEDS_GRADIENTS:
+        out["taylor"] = torch.stack([s.hidden for s in scores]).sum(0)
+    return out
+
+
+def rank_channels(model: torch.nn.Module, arch: Arch, m: Measured, sizes: list[int], selection: torch.Tensor,
+                  progress: Progress = SILENT) -> list[dict]:
+    """For each hidden size, the channel score whose channels-only cut loses least on the held-out
+    windows becomes the one every plan at that size uses; returns the losses measured."""
+    rows = []
+    if len(m.channels) < 2:
+        return rows
+    progress.start("Measuring channel scores", total=len(sizes) * len(m.channels))
+    for size in sizes:
+        losses = {}
+        for name, score in m.channels.items():
+            trial = copy.deepcopy(model)
+            hid.apply(trial, arch, hid.keep_channels(score, size), m.hidden)
+            losses[name] = round(slicing.calibration_loss(trial, selection), 4)
+            del trial
+            progress.advance(1, loss=losses[name])
+        m.ranking[size] = min(losses, key=losses.get)
+        rows.append({"hidden": size, "chosen": m.ranking[size], "calibration_loss": losses})
+    progress.finish()
+    m.ranked.extend(rows)
+    return rows
 
 
 def build(model: torch.nn.Module, arch: Arch, geo: Geometry, shape: Shape, m: Measured,
@@ -252,7 +295,7 @@ def build(model: torch.nn.Module, arch: Arch, geo: Geometry, shape: Shape, m: Me
     """Cut the model to `shape` in place: hidden channels, then layers, then the widths of the layers
     kept (refitting only those). Returns the indices of the layers removed."""
     if shape.hidden != geo.hidden:
-        hid.apply(model, arch, hid.keep_channels(m.hidden.scores(), shape.hidden), m.hidden)
+        hid.apply(model, arch, hid.keep_channels(m.channel_scores(shape.hidden), shape.hidden), m.hidden)
     drop = sorted(dep.drop_order(m.skip)[:geo.layers - shape.layers]) if shape.layers != geo.layers else []
     dep.remove_layers(model, drop)
     kept = [i for i in range(geo.layers) if i not in drop]
@@ -281,7 +324,10 @@ def choose(model: torch.nn.Module, arch: Arch, the_plan: Plan, m: Measured, sele
     share = opts.split_share()
     staged = grid(counter, the_plan.budget, axes, opts.multiple_of, 0.0) if {"hidden", "depth"} & set(axes) else []
     if len(first) + len(staged) <= 1:
-        return (first or staged)[0], []
+        only = (first or staged)[0]
+        rank_channels(model, arch, m, [only.shape.hidden] if only.shape.hidden != geo.hidden else [], selection,
+                      progress)
+        return only, []
 
     def run(stage: str, options: list[Option]) -> None:
         todo = [o for o in options if o.shape not in tried]
@@ -299,7 +345,10 @@ def choose(model: torch.nn.Module, arch: Arch, the_plan: Plan, m: Measured, sele
         best_width = min((tried[o.shape] for o in first), key=lambda r: r["calibration_loss"], default=None)
         o = best_width["option"] if best_width else None
         attn = share if share is not None else (_attention_share(counter, o) if o else 0.0)
-        run("axes", grid(counter, the_plan.budget, axes, opts.multiple_of, attn))
+        staged = grid(counter, the_plan.budget, axes, opts.multiple_of, attn)
+        rank_channels(model, arch, m, sorted({o.shape.hidden for o in staged} - {geo.hidden}, reverse=True),
+                      selection, progress)
+        run("axes", staged)
         best = min(tried.values(), key=lambda r: r["calibration_loss"])["option"]
         if best.shape.hidden != geo.hidden or best.shape.layers != geo.layers:
             left = the_plan.budget - best.removed["hidden"] - best.removed["depth"]
@@ -348,10 +397,12 @@ def prune(opts: PruneOptions, progress: Progress = SILENT) -> dict:
     chosen, tried = choose(model, arch, the_plan, measured, selection, opts, progress)
     progress.note(f"keeping {chosen.shape.describe()}")
     dropped = build(model, arch, geo, chosen.shape, measured, progress)
+    ranked = measured.ranked
     del measured
     loss_after = slicing.calibration_loss(model, selection)
 
     metrics = _metrics(model, the_plan, opts, chosen, dropped, tried, loss_before, loss_after, len(selection))
+    metrics["channel_scores"] = ranked
     record = provenance("prune", opts.model, opts, started, metrics, calibration=calib_description)
     save_pretrained(model, tok, out, opts.force, record)
     return {"output": str(out), "model": opts.model, "importance": opts.importance, **metrics,

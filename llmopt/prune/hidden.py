@@ -5,8 +5,10 @@ column of every projection that reads the stream (q, k, v, the MLP inputs), a ro
 projection that writes it (o, the MLP output, with their biases) and one weight of every norm over
 it (input, post-attention, pre/post-feedforward, final). Tied embeddings stay one tensor.
 
-Importance (as Minitron scores embedding channels): the mean |output| of every hidden-size norm on
-calibration tokens, summed over the norms, so a channel that the layers read strongly is kept.
+Importance: `HiddenStats.scores` is Minitron's activation score, the mean |output| of every
+hidden-size norm on calibration tokens summed over the norms; the Taylor score of a channel comes
+from the gradient pass (`importance.LayerScores.hidden`). The plan search measures which of the two
+to use at each hidden size.
 
 The projections that read the stream (q, k, v, the MLP inputs) are refit by least squares when a
 Gram of their input was measured (`--reconstruct`): the removed channels are largely linear in the

@@ -40,6 +40,7 @@ class LayerScores:
     q: torch.Tensor     # [heads]
     kv: torch.Tensor    # [kv_heads]
     mlp: torch.Tensor   # [intermediate]
+    hidden: torch.Tensor | None = None   # [hidden_size]: the layer's share of each residual channel's score
 
     def group(self, geo: Geometry) -> torch.Tensor:
         """Score of removing a whole KV group: its k/v rows plus all the query heads that read them."""
@@ -49,7 +50,7 @@ class LayerScores:
 def _zeros(geo: Geometry) -> LayerScores:
     f = dict(dtype=torch.float32)
     return LayerScores(torch.zeros(geo.heads, **f), torch.zeros(geo.kv_heads, **f),
-                       torch.zeros(geo.intermediate, **f))
+                       torch.zeros(geo.intermediate, **f), torch.zeros(geo.hidden, **f))
 
 
 def _rows(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -64,7 +65,9 @@ def _cols(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _layer_scores(layer: torch.nn.Module, arch: Arch, geo: Geometry,
                   element: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> LayerScores:
-    """Reduce an element-wise score of the layer's prunable weights to per-structure sums."""
+    """Reduce an element-wise score of the layer's prunable weights to per-structure sums, and to
+    per-residual-channel sums (the columns of the projections that read the stream, the rows of
+    those that write it): one element score, every axis."""
 
     def el(p: torch.nn.Parameter | None) -> torch.Tensor | None:
         if p is None:
@@ -72,21 +75,28 @@ def _layer_scores(layer: torch.nn.Module, arch: Arch, geo: Geometry,
         return element(p.detach().float(), None if p.grad is None else p.grad.float())
 
     s = _zeros(geo)
-    q, o = module(layer, arch.q), module(layer, arch.o)
-    s.q += _rows(el(q.weight), geo.heads).cpu() + _cols(el(o.weight), geo.heads).cpu()
-    if q.bias is not None:
-        s.q += _rows(el(q.bias), geo.heads).cpu()
+    q, o = el(module(layer, arch.q).weight), el(module(layer, arch.o).weight)
+    s.q += _rows(q, geo.heads).cpu() + _cols(o, geo.heads).cpu()
+    s.hidden += q.sum(0).cpu() + o.sum(1).cpu()
+    if module(layer, arch.q).bias is not None:
+        s.q += _rows(el(module(layer, arch.q).bias), geo.heads).cpu()
     for name in (arch.k, arch.v):
         lin = module(layer, name)
-        s.kv += _rows(el(lin.weight), geo.kv_heads).cpu()
+        e = el(lin.weight)
+        s.kv += _rows(e, geo.kv_heads).cpu()
+        s.hidden += e.sum(0).cpu()
         if lin.bias is not None:
             s.kv += _rows(el(lin.bias), geo.kv_heads).cpu()
     for name in arch.mlp_in:
         lin = module(layer, name)
-        s.mlp += el(lin.weight).sum(1).cpu()
+        e = el(lin.weight)
+        s.mlp += e.sum(1).cpu()
+        s.hidden += e.sum(0).cpu()
         if lin.bias is not None:
             s.mlp += el(lin.bias).cpu()
-    s.mlp += el(module(layer, arch.mlp_out).weight).sum(0).cpu()
+    down = el(module(layer, arch.mlp_out).weight)
+    s.mlp += down.sum(0).cpu()
+    s.hidden += down.sum(1).cpu()
     return s
 
 
@@ -134,6 +144,7 @@ def gradient_scores(model: torch.nn.Module, arch: Arch, geo: Geometry, windows: 
                     scores[i].q += step.q
                     scores[i].kv += step.kv
                     scores[i].mlp += step.mlp
+                    scores[i].hidden += step.hidden
             for p in model.parameters():
                 p.grad = None
             progress.advance(1, loss=sum(losses) / len(losses))
@@ -197,7 +208,8 @@ def combine(a: list[LayerScores], b: list[LayerScores], geo: Geometry) -> list[L
     for x, y in zip(a, b):
         q = x.q * y.q
         group = x.group(geo) * y.group(geo)
-        out.append(LayerScores(q, group - q.view(geo.kv_heads, geo.q_per_group).sum(1), x.mlp * y.mlp))
+        out.append(LayerScores(q, group - q.view(geo.kv_heads, geo.q_per_group).sum(1), x.mlp * y.mlp,
+                               x.hidden if x.hidden is not None else y.hidden))
     return out
 
 
