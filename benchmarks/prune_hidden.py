@@ -9,20 +9,24 @@ to each --hidden size and prints the mean loss on --windows held-out calibration
 Taylor importance with the norm compensation and the least-squares refit of the projections that
 read the stream (what prune does), the activation importance with both (what prune did before, and
 still does with a gradient-free --importance), the activation importance without the refit and
-without either, and --seeds seeded draws of random channels with both.
+without either, and --seeds seeded draws of random channels with both. With --eval-windows N, also
+the perplexity on the first N 2048-token windows of wiki.test.raw (llmopt bench's convention): the
+held-out windows are short and from the calibration text, the evaluation is neither.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import platform
 import sys
 import time
 
 import torch
 
-from llmopt.data import text_windows
+from llmopt.bench.quality import window_nll
+from llmopt.data import load_windows, text_windows
 from llmopt.models import load_model
 from llmopt.prune import hidden as hid
 from llmopt.prune import importance as imp
@@ -39,6 +43,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, default=3, help="random draws of channels")
+    ap.add_argument("--eval-windows", type=int, default=0, help="wiki.test.raw windows of 2048 tokens (0: none)")
     args = ap.parse_args()
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()} "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; python {' '.join(sys.argv)}", flush=True)
@@ -52,7 +57,13 @@ def main() -> None:
         layers, _ = imp.gradient_scores(model, arch, geometry(model.config, arch), calib)
     taylor = torch.stack([s.hidden for s in layers]).sum(0)
     h = text_config(model.config).hidden_size
-    print(f"unpruned (hidden {h}): held-out loss {slicing.calibration_loss(model, held):.4f}", flush=True)
+    evals = load_windows(tok, "wikitext2", "eval", 2048, max_windows=args.eval_windows) if args.eval_windows else None
+
+    def scored(m: torch.nn.Module) -> str:
+        text = f"held-out loss {slicing.calibration_loss(m, held):.4f}"
+        return text + (f", wiki.test perplexity {math.exp(window_nll(m, evals).mean().item()):.3f}" if evals else "")
+
+    print(f"unpruned (hidden {h}): {scored(model)}", flush=True)
     plain = copy.copy(stats)
     plain.grams = None
     for size in (int(x) for x in args.hidden.split(",")):
@@ -68,7 +79,7 @@ def main() -> None:
         for name, keep, using in runs:
             trial = copy.deepcopy(model)
             hid.apply(trial, arch, keep, using)
-            print(f"hidden {size}: {name}: held-out loss {slicing.calibration_loss(trial, held):.4f}", flush=True)
+            print(f"hidden {size}: {name}: {scored(trial)}", flush=True)
             del trial
 
 

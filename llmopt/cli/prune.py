@@ -35,7 +35,9 @@ def prune(
                                                  "summed per structure; obs = the output error left after the "
                                                  "least-squares refit; taylor-obs (default) = their product; "
                                                  "taylor2 adds the diagonal Fisher term to taylor; l2 = weight "
-                                                 "magnitude; random = baseline.")] = D.importance,
+                                                 "magnitude; random = baseline. Hidden channels are scored by "
+                                                 "activation and, with a gradient method, also by taylor: the "
+                                                 "one that loses less at each size is used.")] = D.importance,
     split: Annotated[str, typer.Option(help="How the width budget is shared between attention and MLP: auto (try "
                                             "every attention shape that fits, keep the lowest calibration loss), "
                                             "mlp (MLP channels only) or a fraction in [0, 1] taken from attention "
