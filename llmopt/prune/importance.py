@@ -75,11 +75,12 @@ def _layer_scores(layer: torch.nn.Module, arch: Arch, geo: Geometry,
         return element(p.detach().float(), None if p.grad is None else p.grad.float())
 
     s = _zeros(geo)
-    q, o = el(module(layer, arch.q).weight), el(module(layer, arch.o).weight)
+    q_lin = module(layer, arch.q)
+    q, o = el(q_lin.weight), el(module(layer, arch.o).weight)
     s.q += _rows(q, geo.heads).cpu() + _cols(o, geo.heads).cpu()
     s.hidden += q.sum(0).cpu() + o.sum(1).cpu()
-    if module(layer, arch.q).bias is not None:
-        s.q += _rows(el(module(layer, arch.q).bias), geo.heads).cpu()
+    if q_lin.bias is not None:
+        s.q += _rows(el(q_lin.bias), geo.heads).cpu()
     for name in (arch.k, arch.v):
         lin = module(layer, name)
         e = el(lin.weight)
