@@ -105,6 +105,30 @@ def test_a_misread_int4_layout_turns_the_cheap_dequant_off(monkeypatch):
     assert _layer(200, 256, 4, 64, False, seed=3)[0].cheap_dequant        # the right layout passes the probe
 
 
+@pytest.mark.parametrize("n,k,bits,group,sym,token_path", [
+    (128, 256, 4, 64, True, True),
+    (128, 256, 4, 64, False, True),        # zero offsets
+    (96, 576, 4, 128, True, False),        # padded input: the general path
+    (200, 256, 4, 64, True, False),        # N not a multiple of the kernel's blocks: sliced, general path
+    (64, 192, 8, -1, True, True),
+    (64, 192, 8, -1, False, False),        # zero-point correction: general path
+])
+def test_one_token_takes_the_short_path_with_the_kernel_path_result(n, k, bits, group, sym, token_path,
+                                                                     monkeypatch):
+    m, _, _ = _layer(n, k, bits, group, sym)
+    assert m.token_path == token_path
+    x = torch.randn(1, 1, k)
+    want = m.forward_kernel(x)
+    taken = []
+    real = m.forward_token
+    monkeypatch.setattr(m, "forward_token", lambda x: taken.append(1) or real(x))
+    got = m(x)
+    assert torch.equal(got, want) and got.shape == (1, 1, n)
+    assert len(taken) == token_path
+    m(torch.randn(1, 2, k))                # two tokens: the general path
+    assert len(taken) == token_path
+
+
 def test_forward_switches_to_dequant_from_dequant_min_rows(monkeypatch):
     m, _, _ = _layer(64, 128, 4, 64, True)
     calls = []

@@ -141,6 +141,10 @@ class QuantLinear(torch.nn.Module):
                 self._init_int8(q, zeros, scales, device)
         if self.mode == "dequant":
             self._init_dequant(q, zeros, scales, g_idx, device)
+        # one token on CPU takes `forward_token`: the kernel with nothing to permute, pad, slice or correct
+        self.token_path = self.device_type == "cpu" and self.perm is None and (
+            (self.mode == "int4" and (self.k_pad, self.n_pad) == (self.in_features, self.out_features))
+            or (self.mode == "int8" and self.zero_shift is None))
 
     # ----------------------------------------------------------------------------------- building
 
@@ -314,10 +318,14 @@ class QuantLinear(torch.nn.Module):
         (`llmopt.one_thread` measures whether it does)."""
         return self.device_type == "cpu" and rows <= ONE_THREAD_MAX_ROWS and self.kernel_bytes <= ONE_THREAD_MAX_BYTES
 
+    def _kind(self, rows: int) -> tuple:
+        """What a thread-count measurement of a kernel call stands for (`llmopt.one_thread`)."""
+        return self.mode, self.kernel_bytes, self.k_pad if self.mode == "int4" else self.in_features, rows
+
     def _call_kernel(self, xb: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel_int4 if self.mode == "int4" else self._kernel_int8
         small = self._one_thread(xb.shape[0])
-        key = (self.mode, self.kernel_bytes, self.k_pad if self.mode == "int4" else self.in_features, xb.shape[0])
+        key = self._kind(xb.shape[0])
         if not torch.compiler.is_compiling():
             return one_thread.call_small(key, kernel, xb) if small and torch.get_num_threads() > 1 else kernel(xb)
         # a compiled step runs on one thread (llmopt.compiled); where eager calls measured faster on all, so is this
@@ -377,7 +385,23 @@ class QuantLinear(torch.nn.Module):
             y = y + self.bias.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
+    def forward_token(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward_kernel` for one token of a `token_path` layer, in as few calls as it takes (the same
+        operations): at decode a small layer's kernel call takes tens of microseconds, and the general
+        path's bookkeeping around it cost about a tenth of a 4-bit SmolLM2-135M step (docs/runtime.md)."""
+        xb = x.reshape(1, self.in_features).to(torch.bfloat16).contiguous()
+        kernel = self._kernel_int4 if self.mode == "int4" else self._kernel_int8
+        if self._one_thread(1) and torch.get_num_threads() > 1:
+            y = one_thread.call_small(self._kind(1), kernel, xb).to(x.dtype)
+        else:
+            y = kernel(xb).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_path and x.numel() == self.in_features and not torch.compiler.is_compiling():
+            return self.forward_token(x)
         rows = x.numel() // self.in_features
         big = DEQUANT_MIN_ROWS is not None and rows >= DEQUANT_MIN_ROWS and self.device_type == "cpu"
         if self.mode == "dequant" or big:
