@@ -15,6 +15,7 @@ cannot trace a change of the thread count, but keeps such an operator as one opa
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from typing import Callable, Hashable, Iterator
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 _all_threads: int | None = None        # the thread count outside `single_threaded`, while inside it
 _faster_alone: dict[Hashable, bool] = {}   # per kind of small call: measured faster on one thread than on all
-_TIMED_REPEATS = 5
+_TIMED_REPEATS = 11
 
 
 def on_one_thread(fn: Callable, *args):
@@ -68,14 +69,20 @@ def mostly_faster_alone() -> bool:
 
 
 def _measure(fn: Callable, args: tuple) -> bool:
-    """Time fn on one thread and on all, interleaved, best of a few each: one thread's is the faster?"""
-    threads, best = torch.get_num_threads(), {}
-    for _ in range(_TIMED_REPEATS):
-        for n in (1, threads):
+    """Time fn on one thread and on all, interleaved (the order alternating), each followed by one call on
+    all threads: going back to all threads costs the next parallel call a resize of OpenMP's thread team,
+    which timing fn alone misses (it chose one thread for SmolLM2's fused q/k/v and o on an AVX2 CPU where
+    all threads were 2 ms a step faster). Is one thread's median the lower?"""
+    threads = torch.get_num_threads()
+    times: dict[int, list[float]] = {1: [], threads: []}
+    for i in range(_TIMED_REPEATS + 1):
+        for n in (1, threads) if i % 2 else (threads, 1):
             start = time.perf_counter()
             _on_threads(n, fn, *args)
-            best[n] = min(best.get(n, float("inf")), time.perf_counter() - start)
-    return best[1] <= best[threads]
+            fn(*args)
+            if i:                                 # the first round is untimed
+                times[n].append(time.perf_counter() - start)
+    return statistics.median(times[1]) < statistics.median(times[threads])
 
 
 @contextlib.contextmanager

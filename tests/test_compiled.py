@@ -95,6 +95,27 @@ def test_compiled_decode_of_a_gptq_model_matches_eager_in_one_graph(tiny_model_d
     assert torch.get_num_threads() == 2
 
 
+def test_one_thread_pays_in_its_measurement_for_the_all_thread_call_after_it(two_threads, monkeypatch):
+    """Going back to all threads costs the next parallel call (OpenMP resizes its team): a kind that is only
+    faster alone when that cost is left out must run on all threads."""
+    import time
+
+    monkeypatch.setattr(one_thread, "_faster_alone", {})
+    last = []
+
+    def fn(x):
+        threads = torch.get_num_threads()
+        if threads == 2 and last and last[-1] == 1:
+            time.sleep(0.003)                    # the team's resize, paid by the next call on all threads
+        elif threads == 2:
+            time.sleep(0.001)                    # alone, one thread is faster
+        last.append(threads)
+        return x
+
+    one_thread.call_small("k", fn, 1)
+    assert one_thread.faster_alone("k") is False
+
+
 @pytest.mark.parametrize("alone", [True, False])
 def test_warm_up_runs_the_step_on_the_thread_count_small_calls_measured_faster(alone, tiny_model_dir, two_threads,
                                                                              monkeypatch):
