@@ -14,6 +14,7 @@ import torch
 
 from llmopt.errors import UserError, require
 from llmopt.attention import serve_attention
+from llmopt.decode_step import serve_decode
 from llmopt.kv_cache import cache_kwargs
 from llmopt.models import model_device
 
@@ -114,6 +115,7 @@ def generate(model, tokenizer, opts: GenerateOptions, on_text: Callable[[str], N
     """Generate a continuation of opts.prompt; `on_text` receives text pieces as they are decoded."""
     opts.validate()
     serve_attention(model)
+    serve_decode(model)
     if opts.seed is not None:
         torch.manual_seed(opts.seed)
     ids = build_inputs(tokenizer, opts.prompt, opts.chat).to(model_device(model))

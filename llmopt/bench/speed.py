@@ -30,6 +30,7 @@ import torch
 
 from llmopt import compiled
 from llmopt.attention import serve_attention
+from llmopt.decode_step import serve_decode
 from llmopt.info import weight_bytes
 from llmopt.kv_cache import cache_kwargs
 from llmopt.models import model_device
@@ -106,6 +107,7 @@ def time_generation(model, prompt: torch.Tensor, gen_len: int, compiled: bool = 
     served as `generate` serves it (`llmopt.attention`); time it. `compiled`: decode steps through the
     compiled forward over a static cache (`llmopt.compiled`; compile it first with `compiled.warm_up`)."""
     serve_attention(model)
+    serve_decode(model)
     device = model_device(model)
     ids = prompt.to(device)
     timed = _timed_compiled if compiled else _timed_eager

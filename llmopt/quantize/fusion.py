@@ -81,6 +81,18 @@ class ProjectionSlice(torch.nn.Module):
         return f"columns {self.start}:{self.stop} of a fused projection"
 
 
+def outputs(modules: tuple[torch.nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """What calling each module on x gives, in one call of the fused layer where the modules are all the
+    slices of one, in order (without the bookkeeping that lets modeling code call them one by one)."""
+    first = modules[0]
+    shared = first.shared if isinstance(first, ProjectionSlice) else None
+    if shared is None or len(modules) != shared.count or any(
+            not isinstance(m, ProjectionSlice) or m.shared is not shared or m.index != i for i, m in enumerate(modules)):
+        return [m(x) for m in modules]
+    y = shared.fused(x)
+    return [y[..., m.start:m.stop] for m in modules]
+
+
 def fusable(units: list[Unit]) -> bool:
     """Same bits, group size, column grouping (g_idx) and input width; biases all present or all absent."""
     first = units[0]
