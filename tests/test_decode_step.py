@@ -108,3 +108,14 @@ def test_models_whose_layers_are_not_llamas_keep_their_forward(arch, tiny_model_
     forward = model.forward
     assert not decode_step.serve_decode(model)
     assert model.forward == forward
+
+
+def test_bench_timing_decodes_through_the_step(tiny_model_dir, monkeypatch):
+    from llmopt.bench import speed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    taken = []
+    real = decode_step.step
+    monkeypatch.setattr(decode_step, "step", lambda *a: taken.append(1) or real(*a))
+    speed.time_generation(model, torch.arange(10, 26).view(1, 16), gen_len=5)
+    assert len(taken) == 4                       # every token after the prefill's
