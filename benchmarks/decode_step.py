@@ -5,8 +5,8 @@
 Each model is loaded as `generate` and `bench` serve it (CPU, float32 activations, `--head auto`, llmopt's
 attention), its prompt (random token ids, `--prompt-len`) prefilled into llmopt's growing cache; then in
 interleaved rounds (the order alternating) each model decodes `--steps` greedy-free steps of the same token
-through transformers' forward and through `decode_step.step`, the cache cropped back to the prompt before
-each block. Prints milliseconds per step (median over rounds), the saving, and the decode speed ratio of
+through transformers' forward and through `decode_step.step`, each block on a fresh copy of the prompt's
+cache. Prints milliseconds per step (median over rounds), the saving, and the decode speed ratio of
 every model to the first one under each path: the step serves every model, so what matters for bench's
 ratios is how it moves both sides. Also checks that both paths give the same logits, bit for bit.
 """
@@ -14,6 +14,7 @@ ratios is how it moves both sides. Also checks that both paths give the same log
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -38,8 +39,9 @@ def prepared(name: str, prompt_len: int):
 
 
 def block(model, key: str, cache, token: torch.Tensor, steps: int, served: bool) -> tuple[float, torch.Tensor]:
-    """Milliseconds per step over `steps` decode steps from the prompt; the first step's logits."""
-    n = cache.get_seq_length()
+    """Milliseconds per step over `steps` decode steps from the prompt (on a copy of its cache); the first
+    step's logits."""
+    cache = copy.deepcopy(cache)
     first = None
     with torch.inference_mode():
         start = time.perf_counter()
@@ -48,7 +50,6 @@ def block(model, key: str, cache, token: torch.Tensor, steps: int, served: bool)
                 model(input_ids=token, use_cache=True, **{key: cache}).logits
             first = logits if first is None else first
         ms = (time.perf_counter() - start) / steps * 1e3
-    cache.crop(n - cache.get_seq_length())        # back to the prompt
     return ms, first
 
 

@@ -55,39 +55,13 @@ def _compiled_decode(module, query, key, value, attention_mask, dropout=0.0, sca
     if mask is not None and mask.shape[1] != 1:          # a per-head mask does not fold
         return None
     scale = dim ** -0.5 if scaling is None else scaling
-    folded = _folded(query, kv_heads)
+    folded = query.reshape(b, kv_heads, heads // kv_heads, dim)
     alone = one_thread.faster_alone(_kind(query, key, mask))        # as eager steps measured it, if they did
     if _one_thread(query, key) and alone is not False:      # the compiled step runs on one thread (llmopt.compiled)
         out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale)
     else:
         out = one_thread.sdpa(folded, key, value, mask, scale)
     return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2), None
-
-
-def _folded(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """A single query token's heads [b, heads, 1, d] as [b, kv_heads, heads / kv_heads, d]: each KV head's
-    query heads side by side (transformers' `repeat_kv` order), so attention reads each key once."""
-    b, heads, _, dim = query.shape
-    return query.reshape(b, kv_heads, heads // kv_heads, dim)
-
-
-def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of one new token (query [1, heads, 1, d]) over every cached token, no mask needed, called as
-    transformers' SDPA attention calls it there (so the result is the same to the bit), as [1, heads, 1, d_v];
-    on one CPU thread where `llmopt.one_thread` measured that faster."""
-    heads, kv_heads = query.shape[1], key.shape[1]
-    grouped = heads != kv_heads
-    native = grouped and key.shape[-1] == value.shape[-1] <= 256       # else transformers folds the heads
-    q = _folded(query, kv_heads) if grouped and not native else query
-
-    def call() -> torch.Tensor:
-        return torch.nn.functional.scaled_dot_product_attention(q, key, value, scale=scale, enable_gqa=native)
-
-    if _one_thread(query, key) and torch.get_num_threads() > 1:
-        out = one_thread.call_small(_kind(query, key, None), call)
-    else:
-        out = call()
-    return out.reshape(query.shape[0], heads, 1, value.shape[-1])
 
 
 def _registered() -> bool:

@@ -15,7 +15,8 @@ from llmopt.quantize import QuantizeOptions, quantize
 
 
 def _model(arch: str, tiny_model_dir, tmp_path, quantized: bool):
-    src = tiny_model_dir(arch)
+    # gemma3: 6 layers, every sixth attends globally, the others over a 32-token window
+    src = tiny_model_dir(arch, **({"num_hidden_layers": 6} if arch == "gemma3" else {}))
     if not quantized:
         return AutoModelForCausalLM.from_pretrained(src).eval()
     out = tmp_path / "q"
@@ -38,7 +39,7 @@ def _decode(model, ids: torch.Tensor, steps: int, served: list | None = None) ->
     return torch.stack(logits), [(layer.keys, layer.values) for layer in cache.layers]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])            # qwen2: q/k/v biases
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])  # qwen2: q/k/v biases; gemma3: windows, norms
 @pytest.mark.parametrize("quantized", [False, True])
 def test_served_step_gives_the_forward_logits_bit_for_bit(arch, quantized, tiny_model_dir, tmp_path,
                                                          monkeypatch):
@@ -46,7 +47,7 @@ def test_served_step_gives_the_forward_logits_bit_for_bit(arch, quantized, tiny_
     model = _model(arch, tiny_model_dir, tmp_path, quantized)
     serve_attention(model)
     ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(0))
-    want, want_cache = _decode(model, ids, 30)
+    want, want_cache = _decode(model, ids, 30)                    # 39 tokens: past gemma3's window of 32
     taken = []
     real = decode_step.step
     monkeypatch.setattr(decode_step, "step", lambda *a: taken.append(1) or real(*a))
@@ -102,9 +103,13 @@ def test_calls_the_step_does_not_compute_take_the_model_forward(tiny_model_dir, 
         assert len(taken) == 1
 
 
-@pytest.mark.parametrize("arch", ["gemma3"])
-def test_models_whose_layers_are_not_llamas_keep_their_forward(arch, tiny_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch)).eval()
+@pytest.mark.parametrize("overrides", [{"model_type": "mistral", "sliding_window": 16},   # not served: windows
+                                       {"final_logit_softcapping": 30.0}])
+def test_models_the_step_does_not_compute_keep_their_forward(overrides, tiny_tokenizer):
+    from conftest import build_tiny
+
+    model = build_tiny("gemma3" if "final_logit_softcapping" in overrides else "llama", tiny_tokenizer, **overrides)
+    serve_attention(model)
     forward = model.forward
     assert not decode_step.serve_decode(model)
     assert model.forward == forward
