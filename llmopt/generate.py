@@ -1,7 +1,9 @@
 """Streaming text generation with honest timing (time to first token, decode tokens/s).
 
 transformers' `generate` does the decoding (greedy, sampling, beams, stop strings), with llmopt's
-in-place growing KV cache when there is one beam (llmopt.kv_cache); a small streamer turns token ids into text as they arrive and timestamps the first and last token.
+in-place growing KV cache when there is one beam (llmopt.kv_cache), whose one-token steps a LLaMA-family
+or Gemma3 model takes through llmopt's own decode step (llmopt.decode_step); a small streamer turns token
+ids into text as they arrive and timestamps the first and last token.
 """
 
 from __future__ import annotations

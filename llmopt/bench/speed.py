@@ -1,7 +1,8 @@
 """Latency and memory of generation, measured so that two models can be compared honestly.
 
-Timing: a hand-written greedy decode loop with a KV cache (llmopt's in-place growing cache and
-one-thread decode attention, as in `generate`; one prefill forward over the prompt, then one forward per new token), so the figure is the model's cost and not the
+Timing: a hand-written greedy decode loop with a KV cache (llmopt's in-place growing cache, one-thread
+decode attention and own decode step, as in `generate`; one prefill forward over the prompt, then one
+forward per new token), so the figure is the model's cost and not the
 variance of `generate()`'s bookkeeping. The prompt is real text, the same token ids for every model
 that shares a tokenizer, and exactly `gen_len` tokens are produced (no early stop on EOS), so every
 model does the same work. All models are measured in one process, in interleaved rounds after
