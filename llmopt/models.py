@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -269,6 +270,33 @@ def read_config(path: Path) -> dict:
         return json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path / 'config.json'} is not valid JSON: {e}") from e
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def source_dtype(path: Path | None, fallback: torch.dtype) -> torch.dtype:
+    """The dtype the source checkpoint stores its weights in, so unquantized tensors are written in it
+    rather than in the dtype they were computed in: the dtype holding most elements of its safetensors
+    files, else config.json's `dtype` (`torch_dtype` before transformers 5), else `fallback` (GGUF)."""
+    from safetensors import safe_open
+
+    if path is None or not path.is_dir():
+        return fallback
+    counts: dict[torch.dtype, int] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                piece = st.get_slice(key)
+                dt = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+                if dt is not None:
+                    counts[dt] = counts.get(dt, 0) + math.prod(piece.get_shape())
+    if counts:
+        return max(counts, key=counts.get)
+    config = read_config(path)
+    name = config.get("dtype") or config.get("torch_dtype")
+    return _FLOAT_DTYPES.get(str(name).replace("torch.", ""), fallback)
 
 
 def check_causal(config: dict, where: str) -> None:

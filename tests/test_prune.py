@@ -65,6 +65,19 @@ def test_prune_writes_standard_smaller_checkpoint(arch, overrides, tmp_path, tin
     assert record["command"] == "prune" and record["metrics"]["parameters_after"] == n
 
 
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+def test_prune_writes_the_dtype_the_source_stores(stored, tmp_path, tiny_tokenizer):
+    from llmopt.models import source_dtype
+
+    src = tmp_path / "src"
+    build_tiny("llama", tiny_tokenizer).to(stored).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    out = tmp_path / "out"
+    prune(PruneOptions(str(src), str(out), ratio=0.3, **FAST))          # computes in float32 on CPU
+    assert source_dtype(out, None) == stored
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == stored
+
+
 # ----------------------------------------------------------------------------- exactness of slicing
 
 def _pruned_in_memory(model, widths: Widths, grams=None, seed: int = 1):

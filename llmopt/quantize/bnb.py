@@ -21,7 +21,6 @@ from llmopt.checkpoint import check_output, dir_size, provenance, save_pretraine
 from llmopt.errors import MissingExtra, UserError, require
 from llmopt.progress import SILENT, Progress
 from llmopt.quantize.options import BNB_BITS, QuantizeOptions, check_skip_matches, skip_matches
-from llmopt.quantize.pipeline import source_dtype
 from llmopt.quantize.sequential import meta_model, refuse_fused_weights
 
 # bitsandbytes' CPU 4-bit kernel repacks each weight in 64-column blocks of 32-row tiles; other shapes
@@ -198,7 +197,7 @@ def store_unquantized_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def quantize_bnb(opts: QuantizeOptions, progress: Progress = SILENT) -> dict:
     """`llmopt quantize --method llm-int8|nf4|fp4`: quantize while loading, save in transformers' layout."""
     from llmopt.info import count_parameters, weight_bytes
-    from llmopt.models import from_pretrained_checked, parse_device, parse_dtype
+    from llmopt.models import from_pretrained_checked, parse_device, parse_dtype, source_dtype
 
     started = time.time()
     device = parse_device(opts.device)

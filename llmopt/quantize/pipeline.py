@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,8 @@ import torch
 
 from llmopt.checkpoint import atomic_output, check_output, dir_size, provenance, write_provenance
 from llmopt.errors import UserError, require
-from llmopt.models import Source, check_causal, local_dir, parse_device, parse_dtype, quant_method, read_config
+from llmopt.models import Source, check_causal, local_dir, parse_device, parse_dtype, quant_method, read_config, \
+    source_dtype
 from llmopt.progress import SILENT, Progress
 from llmopt.quantize import packing
 from llmopt.quantize.gptq import LayerResult, QuantSpec, gptq_quantize, rtn_quantize
@@ -29,8 +29,6 @@ from llmopt.quantize.sequential import (decoder_layers, final_norm, meta_model, 
                                         refuse_fused_weights)
 
 SHARD_BYTES = 4 * 1024 ** 3
-_FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _spec(opts: QuantizeOptions) -> QuantSpec:
@@ -38,29 +36,6 @@ def _spec(opts: QuantizeOptions) -> QuantSpec:
         return QuantSpec(8, -1, True)
     mse = opts.method == "gptq" if opts.mse is None else opts.mse
     return QuantSpec(opts.resolved_bits, opts.group_size, opts.sym, mse)
-
-
-def source_dtype(path: Path | None, fallback: torch.dtype) -> torch.dtype:
-    """The dtype the source checkpoint stores its weights in, so unquantized tensors are written in it
-    rather than in the dtype they were computed in: the dtype holding most elements of its safetensors
-    files, else config.json's `dtype` (`torch_dtype` before transformers 5), else `fallback` (GGUF)."""
-    from safetensors import safe_open
-
-    if path is None or not path.is_dir():
-        return fallback
-    counts: dict[torch.dtype, int] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            for key in st.keys():
-                piece = st.get_slice(key)
-                dt = _SAFETENSORS_DTYPES.get(piece.get_dtype())
-                if dt is not None:
-                    counts[dt] = counts.get(dt, 0) + math.prod(piece.get_shape())
-    if counts:
-        return max(counts, key=counts.get)
-    config = read_config(path)
-    name = config.get("dtype") or config.get("torch_dtype")
-    return _FLOAT_DTYPES.get(str(name).replace("torch.", ""), fallback)
 
 
 def head_spec(spec: QuantSpec) -> QuantSpec:
