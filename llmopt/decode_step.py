@@ -32,6 +32,8 @@ _SERVED = "_llmopt_decode_step"
 _KEYWORDS = {"input_ids", "cache", "past_key_values", "use_cache", "attention_mask", "position_ids",
              "cache_position", "logits_to_keep", "return_dict", "output_attentions", "output_hidden_states"}
 _MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
+# the output's cache field: `cache` in newer transformers 5.x, `past_key_values` before
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 def supported(model: torch.nn.Module) -> bool:
@@ -86,8 +88,7 @@ def serve_decode(model: torch.nn.Module) -> bool:
 
 def _output(logits: torch.Tensor, cache: DynamicCache) -> CausalLMOutputWithPast:
     """transformers' causal-LM output, the cache under the field name this version uses."""
-    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-    return CausalLMOutputWithPast(logits=logits, **{"cache" if "cache" in fields else "past_key_values": cache})
+    return CausalLMOutputWithPast(logits=logits, **{_CACHE_FIELD: cache})
 
 
 def _one_token_step(kwargs: dict) -> DynamicCache | None:

@@ -322,12 +322,19 @@ class QuantLinear(torch.nn.Module):
         """What a thread-count measurement of a kernel call stands for (`llmopt.one_thread`)."""
         return self.mode, self.kernel_bytes, self.k_pad if self.mode == "int4" else self.in_features, rows
 
+    def _eager_kernel(self, xb: torch.Tensor) -> torch.Tensor:
+        """The kernel call outside a compiled graph: on the thread count measured faster for a small one."""
+        kernel = self._kernel_int4 if self.mode == "int4" else self._kernel_int8
+        if self._one_thread(xb.shape[0]) and torch.get_num_threads() > 1:
+            return one_thread.call_small(self._kind(xb.shape[0]), kernel, xb)
+        return kernel(xb)
+
     def _call_kernel(self, xb: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return self._eager_kernel(xb)
         kernel = self._kernel_int4 if self.mode == "int4" else self._kernel_int8
         small = self._one_thread(xb.shape[0])
         key = self._kind(xb.shape[0])
-        if not torch.compiler.is_compiling():
-            return one_thread.call_small(key, kernel, xb) if small and torch.get_num_threads() > 1 else kernel(xb)
         # a compiled step runs on one thread (llmopt.compiled); where eager calls measured faster on all, so is this
         if self.device_type != "cpu" or (small and one_thread.faster_alone(key) is not False):
             return kernel(xb)
@@ -388,13 +395,9 @@ class QuantLinear(torch.nn.Module):
     def forward_token(self, x: torch.Tensor) -> torch.Tensor:
         """`forward_kernel` for one token of a `token_path` layer, in as few calls as it takes (the same
         operations): at decode a small layer's kernel call takes tens of microseconds, and the general
-        path's bookkeeping around it cost about a tenth of a 4-bit SmolLM2-135M step (docs/runtime.md)."""
+        path's bookkeeping around it cost milliseconds per 4-bit SmolLM2-135M step (docs/runtime.md)."""
         xb = x.reshape(1, self.in_features).to(torch.bfloat16).contiguous()
-        kernel = self._kernel_int4 if self.mode == "int4" else self._kernel_int8
-        if self._one_thread(1) and torch.get_num_threads() > 1:
-            y = one_thread.call_small(self._kind(1), kernel, xb).to(x.dtype)
-        else:
-            y = kernel(xb).to(x.dtype)
+        y = self._eager_kernel(xb).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
