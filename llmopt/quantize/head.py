@@ -71,8 +71,8 @@ class MixedHead(torch.nn.Module):
 def head_rows(head: QuantLinear | MixedHead, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rows `ids` of the head's dequantized weight W [N, K] in the checkpoint's column order, as
     `[*ids.shape, K]` in `dtype`: `head.dequantized_weight(torch.float32)` rounded once to `dtype`,
-    dequantizing only those rows (except on the CUDA int4 path, whose buffer layout is opaque: there the
-    whole weight is)."""
+    dequantizing only those rows (on CUDA read through tinygemm's learned tile order; where that layout
+    could not be read, the whole weight is)."""
     if isinstance(head, MixedHead):
         return _mixed_rows(head, ids, dtype)
     out_dtype, dtype = dtype, torch.float32

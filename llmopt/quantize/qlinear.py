@@ -23,7 +23,8 @@ rows `forward` takes `forward_dequant`: the weight is dequantized on every call 
 kernel's packed buffer (nibbles split with masks and shifts, scales broadcast per group, in chunks of
 output rows that stay in cache; nothing cached, so memory stays at 4 bits per weight plus the scales)
 and multiplied by the GEMM in `dequant_dtype()`: bfloat16 where the CPU has native bf16 dot products
-(oneDNN runs it at about 2x fp32), float32 elsewhere. Kernel-free layers (2/3 bits, grouped 8 bits)
+(oneDNN runs it at about 2x fp32), float32 elsewhere. On CUDA, from `CUDA_DEQUANT_MIN_ROWS` rows, int4
+layers likewise dequantize from tinygemm's buffer (`llmopt.quantize.tinygemm`) and call cuBLAS. Kernel-free layers (2/3 bits, grouped 8 bits)
 always dequantize, with the same word-at-a-time unpack, and multiply in the input's dtype.
 A small kernel call (a few rows on a weight of at most about 1 MB) runs on one CPU thread: with OpenMP's
 passive waiting, waking the other threads costs more than they save (2-4x on SmolLM2's layers at decode).
@@ -40,12 +41,19 @@ import torch
 import torch.nn.functional as F
 
 from llmopt import one_thread
-from llmopt.quantize import packing
+from llmopt.quantize import packing, tinygemm
 
 # rows (tokens) from which the CPU forward dequantizes + runs the BLAS GEMM instead of calling the kernels;
 # None: never. Measured by `OMP_WAIT_POLICY=passive python benchmarks/gptq_kernels.py --repeat 5 --budget 2`:
 # one decoder layer's Linears cross over at 128 rows, the head at 256 (docs/runtime.md).
 DEQUANT_MIN_ROWS: int | None = 128
+# the same on CUDA, where int4 layers of at least CUDA_DEQUANT_MIN_WEIGHTS weights dequantize from tinygemm's
+# buffer (`llmopt.quantize.tinygemm`) and multiply with cuBLAS. Measured on an H200 with Llama-3.2-1B's shapes
+# (`benchmarks/cuda_bench.py`, docs/runtime.md): tinygemm's time grows with the rows, dequantizing costs about
+# the same at any row count, so it wins from 256 rows on the MLP's 16.8M-weight layers and never on the
+# 1-4M-weight attention projections
+CUDA_DEQUANT_MIN_ROWS: int | None = 256
+CUDA_DEQUANT_MIN_WEIGHTS = 1 << 24
 # dtype the dequantize path multiplies in on CPU; None: bfloat16 where the CPU has native bf16 dot products
 # (oneDNN's bf16 GEMM runs at about 2x fp32 there), float32 elsewhere
 DEQUANT_DTYPE: torch.dtype | None = None
@@ -134,6 +142,7 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(device))
         self.perm: torch.Tensor | None = None
         self.mode = "dequant"
+        self.cheap_dequant = False           # int4: the weight can be read back from the kernel's buffer
         if use_kernels:
             if bits == 4:
                 self._init_int4(q, zeros, scales, g_idx, device)
@@ -172,8 +181,7 @@ class QuantLinear(torch.nn.Module):
         sz[:, :n, 0] = s
         sz[:, :n, 1] = (8 - z) * s
         if cuda:
-            packed_u8 = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).to(device)
-            w = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+            w = tinygemm.convert(codes, device)
         else:
             w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         self.register_buffer("w_int4", w.to(device))
@@ -185,8 +193,14 @@ class QuantLinear(torch.nn.Module):
         # prefill dequantizes from the kernel's own CPU buffer; check that we read its layout right, on the
         # first and last blocks of rows (the layout repeats per block; a whole vocabulary-sized head takes seconds)
         probe = torch.cat([torch.arange(min(np_, 2 * _CPU_BLOCK_N)), torch.arange(max(0, np_ - _CPU_BLOCK_N), np_)])
-        self.cheap_dequant = not cuda and torch.equal(self.int4_codes_of_rows(probe.to(device)).to(torch.int32).cpu(),
-                                                      codes[probe])
+        if cuda:     # the whole layer, not a probe: the kernel's tile order was learned, not documented
+            order = tinygemm.tile_order(device)
+            self.cheap_dequant = order is not None and torch.equal(
+                tinygemm.codes(self.w_int4, order, np_, kp), codes.to(torch.uint8).to(device))
+            self.register_buffer("tile_order", order, persistent=False)
+        else:
+            self.cheap_dequant = torch.equal(self.int4_codes_of_rows(probe.to(device)).to(torch.int32).cpu(),
+                                             codes[probe])
         self.zero_offsets = bool((sz[..., 1] != 0).any())   # symmetric layers skip the add
 
     def _init_int8(self, q, zeros, scales, device) -> None:
@@ -226,7 +240,9 @@ class QuantLinear(torch.nn.Module):
 
     def int4_codes_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Codes [M, Kp] of output rows `rows` (int64 [M]) from the CPU kernel's buffer (`_int4_codes_t`'s
-        layout), without unpacking the others: a tied embedding's lookup."""
+        layout; on CUDA tinygemm's), without unpacking the others: a tied embedding's lookup."""
+        if self.device_type == "cuda":
+            return tinygemm.codes_of_rows(self.w_int4, self.tile_order, rows, self.n_pad, self.k_pad)
         block = _cpu_block()
         b = self.w_int4.view(self.n_pad // block, self.k_pad, block // 2)
         within = rows % block
@@ -249,6 +265,15 @@ class QuantLinear(torch.nn.Module):
         if self.zero_offsets:
             w.add_(sz[..., 1].t().unsqueeze(2))
         return w.view(r1 - r0, self.k_pad)
+
+    def _int4_weight_cuda(self, dtype: torch.dtype) -> torch.Tensor:
+        """W [Np, Kp] in `dtype` from tinygemm's buffer: W = (q - 8) * scale + zero_f per group, as it computes."""
+        q = tinygemm.codes(self.w_int4, self.tile_order, self.n_pad, self.k_pad)
+        sz = self.scales_zeros.float()                    # [Kp/kg, Np, 2]
+        scale, offset = sz[..., 0].t().unsqueeze(2), (sz[..., 1] - 8 * sz[..., 0]).t().unsqueeze(2)
+        w = torch.addcmul(offset.to(dtype).contiguous(), q.view(self.n_pad, -1, self.kernel_group),
+                          scale.to(dtype).contiguous())
+        return w.reshape(self.n_pad, self.k_pad)
 
     def _unpacked_codes_t(self) -> torch.Tensor:
         """Codes [Kp, N] of the dequant path's `qweight`, whole words at a time with shifts and masks."""
@@ -279,6 +304,8 @@ class QuantLinear(torch.nn.Module):
     def dequantized_weight_t(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W^T [K, N] in `dtype`, in the column order the forward uses (after `perm`)."""
         if self.mode == "int4":
+            if self.cheap_dequant and self.device_type == "cuda":
+                return self._int4_weight_cuda(dtype).t()[: self.in_features, : self.out_features]
             if self.cheap_dequant:
                 return self._int4_rows(0, self.n_pad, dtype).t()[: self.in_features, : self.out_features]
             else:   # read the layout back through the kernel itself (identity input)
@@ -383,7 +410,7 @@ class QuantLinear(torch.nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        if self.mode == "int4" and self.cheap_dequant:
+        if self.mode == "int4" and self.cheap_dequant and self.device_type == "cpu":
             y = self._int4_dequant_mm(x2, dtype)
         else:
             y = torch.mm(x2.to(dtype), self.dequantized_weight_t(dtype))
@@ -406,7 +433,11 @@ class QuantLinear(torch.nn.Module):
         if self.token_path and x.numel() == self.in_features and not torch.compiler.is_compiling():
             return self.forward_token(x)
         rows = x.numel() // self.in_features
-        big = DEQUANT_MIN_ROWS is not None and rows >= DEQUANT_MIN_ROWS and self.device_type == "cpu"
+        if self.device_type == "cpu":
+            big = DEQUANT_MIN_ROWS is not None and rows >= DEQUANT_MIN_ROWS
+        else:
+            big = (CUDA_DEQUANT_MIN_ROWS is not None and rows >= CUDA_DEQUANT_MIN_ROWS and self.cheap_dequant
+                   and self.n_pad * self.k_pad >= CUDA_DEQUANT_MIN_WEIGHTS)
         if self.mode == "dequant" or big:
             return self.forward_dequant(x)
         return self.forward_kernel(x)
