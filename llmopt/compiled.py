@@ -7,8 +7,10 @@ the KV cache is transformers' `StaticCache`, sized for the prompt and the new to
 eagerly (its shape changes with every prompt) and every decode step through one graph, compiled once
 per model, batch and cache length. A step runs on one CPU thread but for its large calls
 (`llmopt.one_thread`), or on all where small calls measured faster so (`warm_up`; on an AVX2 CPU,
-whose int4 kernel is slow, all threads won); the weight-only kernels and attention stay PyTorch's own. Compiling costs tens of seconds
-to minutes of CPU time, which pays off only after thousands of tokens: `llmopt bench` reports it.
+whose int4 kernel is slow, all threads won); the weight-only kernels and attention stay PyTorch's own.
+On CUDA the step is also captured as a CUDA graph (`mode="reduce-overhead"`) and no thread count is chosen.
+Compiling costs tens of seconds to minutes of CPU time, which pays off only after thousands of tokens:
+`llmopt bench` reports it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ def compiled_step(model: torch.nn.Module) -> Callable[..., Any]:
     """The model's compiled forward, made once per model (torch.compile compiles lazily, on first call)."""
     step = getattr(model, _STEP, None)
     if step is None:
-        step = torch.compile(model.forward, dynamic=False)
+        # on CUDA the step is also captured as a CUDA graph: at batch 1 launching its hundreds of kernels one
+        # by one from Python costs more than running them (the static cache keeps its addresses fixed)
+        cuda = next(model.parameters()).device.type == "cuda"
+        step = torch.compile(model.forward, dynamic=False, mode="reduce-overhead" if cuda else None)
         setattr(model, _STEP, step)
     return step
 
@@ -59,7 +64,7 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor, cache) -> torch.Tensor:
 
 def step(model: torch.nn.Module, token: torch.Tensor, cache, position: int) -> torch.Tensor:
     """One compiled decode step at `position`; the next token (greedy) [batch, 1]."""
-    return _step(model, token, cache, position, getattr(model, _ALONE, True))
+    return _step(model, token, cache, position, getattr(model, _ALONE, token.device.type == "cpu"))
 
 
 def _step(model: torch.nn.Module, token: torch.Tensor, cache, position: int, alone: bool,
@@ -97,7 +102,7 @@ def warm_up(model: torch.nn.Module, prompt: torch.Tensor, gen_len: int) -> float
     if gen_len < 2:
         return time.perf_counter() - start        # no decode step to compile
     token = _step(model, token, cache, n, alone=False, compiled=False)
-    setattr(model, _ALONE, one_thread.mostly_faster_alone())
+    setattr(model, _ALONE, token.device.type == "cpu" and one_thread.mostly_faster_alone())
     for i in range(1, min(3, gen_len)):       # StaticCache writes at its own count: each step a next position
         token = step(model, token, cache, n + i)
     return time.perf_counter() - start
