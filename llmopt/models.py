@@ -209,26 +209,35 @@ def _alias_gguf(alias: Alias, cache: Path) -> Path:
     return target
 
 
+# written into a cached conversion's SOURCE.txt; a cache without it predates `check_gguf_tokenizer` (its
+# tokenizer may be a broken conversion) and is converted again
+_CHECKED = "tokenizer: checked against the GGUF's add_bos_token"
+
+
 def materialize_alias(alias: Alias, progress: Progress = SILENT) -> Path:
     """Convert the alias's GGUF once into a safetensors directory in the cache; return that directory.
 
     It is stored in the original's dtype, so sizes compare against what users download; the dtype is
-    in the directory name, so a cache written in another dtype (older llmopt: float32) is not reused.
+    in the directory name, so a cache written in another dtype (older llmopt: float32) is not reused,
+    nor one written before the tokenizer was checked.
     """
     target = llmopt_home() / "models" / f"{alias.name}-{alias.dtype}"
-    if (target / "config.json").is_file() and read_config(target).get("dtype") == alias.dtype:
+    source = target / "SOURCE.txt"
+    if (target / "config.json").is_file() and read_config(target).get("dtype") == alias.dtype \
+            and source.is_file() and _CHECKED in source.read_text():
         return target
     work = llmopt_home() / "models" / f".{alias.name}.gguf"
     gguf = _alias_gguf(alias, work)
     progress.start(f"Converting {alias.name} from GGUF (once; cached in {target})", total=None)
     model, tokenizer = _load_gguf(gguf, _DTYPE_NAMES[alias.dtype])
+    shutil.rmtree(target, ignore_errors=True)       # a stale conversion in llmopt's own cache
     with atomic_output(target, force=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(
             f"{alias.description}\nconverted from {gguf.name} (sha256 {_sha256(gguf)[:16]}...) "
             f"with transformers' GGUF loader, dequantized and stored in {alias.dtype} like the original.\n"
-            f"original: {alias.hub_id}\n")
+            f"original: {alias.hub_id}\n{_CHECKED}\n")
     shutil.rmtree(work, ignore_errors=True)
     progress.finish()
     return target
@@ -254,6 +263,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
             raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)",
                             hint="pass a .gguf model file, or a directory with config.json and the weights")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    check_gguf_tokenizer(path, tokenizer)
     model = from_pretrained_checked(path.parent, str(path), gguf_file=path.name, dtype=dtype)
     # The weights are dequantized now; a stale gguf quantization_config would break save/reload.
     if hasattr(model.config, "quantization_config"):
@@ -261,6 +271,22 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     model.is_quantized = False
     model.hf_quantizer = None
     return model, tokenizer
+
+
+def check_gguf_tokenizer(path: Path, tokenizer) -> None:
+    """Refuse a tokenizer converted from GGUF without the BOS token the file says to put first: transformers
+    before 5.23 converted Gemma3's that way (measured on 5.17, 5.21 and 5.22; 5.17 also split it into
+    characters), which would score and calibrate every window on input the model never saw, silently."""
+    from gguf import GGUFReader
+    from transformers import __version__ as transformers_version
+
+    from llmopt.data import bos_id
+
+    field = GGUFReader(str(path)).get_field("tokenizer.ggml.add_bos_token")
+    if field is not None and bool(field.contents()) and bos_id(tokenizer) is None:
+        raise UserError(f"transformers {transformers_version} converted the tokenizer of {path.name} without the "
+                        "BOS token the file asks for, so every result would be wrong",
+                        hint="pip install -U 'transformers>=5.23'")
 
 
 # --------------------------------------------------------------------------- configs

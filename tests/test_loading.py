@@ -223,3 +223,67 @@ def test_gptq_truncated_safetensors_exit_2(gptq_dir, cli):
     (gptq_dir / "model.safetensors").write_bytes(data[: len(data) // 2])
     err = _exit2(cli, "info", gptq_dir)
     assert "model.safetensors is truncated or damaged" in err, err
+
+
+# ----------------------------------------------------------------------------- GGUF tokenizer conversion
+
+def _gguf_metadata(path: Path, add_bos: bool | None) -> Path:
+    """A GGUF file holding only tokenizer metadata (no tensors)."""
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), "llama")
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("add_bos", [True, False, None])
+def test_a_gguf_tokenizer_converted_without_the_bos_its_file_asks_for_is_refused(add_bos, tmp_path, tiny_tokenizer):
+    """The tiny tokenizer has a BOS token but does not put it first, as transformers < 5.23 converted Gemma3's."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers.processors import TemplateProcessing
+
+    import llmopt.models as models
+
+    path = _gguf_metadata(tmp_path / "m.gguf", add_bos)
+    if add_bos:
+        with pytest.raises(UserError, match="without the BOS token"):
+            models.check_gguf_tokenizer(path, tiny_tokenizer)
+        import transformers
+
+        with pytest.MonkeyPatch.context() as mp:       # the loader checks before it converts any weight
+            mp.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tiny_tokenizer)
+            mp.setattr(models, "from_pretrained_checked", lambda *a, **k: pytest.fail("weights loaded"))
+            with pytest.raises(UserError, match="transformers>=5.23"):
+                models._load_gguf(path, torch.float32)
+    else:
+        models.check_gguf_tokenizer(path, tiny_tokenizer)
+    with_bos = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<s>",
+                                       eos_token="</s>", unk_token="<unk>")
+    with_bos.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    models.check_gguf_tokenizer(path, with_bos)          # puts BOS first: accepted whatever the file says
+
+
+def test_an_alias_cache_converted_before_the_tokenizer_check_is_converted_again(monkeypatch, tmp_path,
+                                                                                tiny_tokenizer):
+    import llmopt.models as models
+    from conftest import build_tiny
+
+    monkeypatch.setenv("LLMOPT_HOME", str(tmp_path))
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"GGUF")
+    loads: list[torch.dtype] = []
+    monkeypatch.setattr(models, "_alias_gguf", lambda alias, cache: gguf)
+    monkeypatch.setattr(models, "_load_gguf",
+                        lambda path, dtype: loads.append(dtype) or (build_tiny("llama", tiny_tokenizer).to(dtype),
+                                                                    tiny_tokenizer))
+    alias = ALIASES["gemma3-270m"]
+    target = models.materialize_alias(alias)
+    source = target / "SOURCE.txt"
+    assert len(loads) == 1 and models.materialize_alias(alias) == target and len(loads) == 1
+    source.write_text(source.read_text().replace(models._CHECKED, ""))       # as an older llmopt wrote it
+    assert models.materialize_alias(alias) == target and len(loads) == 2
