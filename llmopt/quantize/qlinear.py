@@ -23,9 +23,10 @@ rows `forward` takes `forward_dequant`: the weight is dequantized on every call 
 kernel's packed buffer (nibbles split with masks and shifts, scales broadcast per group, in chunks of
 output rows that stay in cache; nothing cached, so memory stays at 4 bits per weight plus the scales)
 and multiplied by the GEMM in `dequant_dtype()`: bfloat16 where the CPU has native bf16 dot products
-(oneDNN runs it at about 2x fp32), float32 elsewhere. On CUDA, from `CUDA_DEQUANT_MIN_ROWS` rows, int4
-layers likewise dequantize from tinygemm's buffer (`llmopt.quantize.tinygemm`) and call cuBLAS. Kernel-free layers (2/3 bits, grouped 8 bits)
-always dequantize, with the same word-at-a-time unpack, and multiply in the input's dtype.
+(oneDNN runs it at about 2x fp32), float32 elsewhere. On CUDA, from `CUDA_DEQUANT_MIN_ROWS` rows, large
+int4 layers likewise dequantize from tinygemm's buffer (`llmopt.quantize.tinygemm`) and call cuBLAS.
+Kernel-free layers (2/3 bits, grouped 8 bits) always dequantize, with the same word-at-a-time unpack, and
+multiply in the input's dtype.
 A small kernel call (a few rows on a weight of at most about 1 MB) runs on one CPU thread: with OpenMP's
 passive waiting, waking the other threads costs more than they save (2-4x on SmolLM2's layers at decode).
 Measured speeds and the crossovers: docs/runtime.md.
@@ -190,15 +191,14 @@ class QuantLinear(torch.nn.Module):
         self.perm = perm.to(device) if perm is not None else None
         self.mode = "int4"
         self.kernel_bytes = self.w_int4.numel() * self.w_int4.element_size()
-        # prefill dequantizes from the kernel's own CPU buffer; check that we read its layout right, on the
-        # first and last blocks of rows (the layout repeats per block; a whole vocabulary-sized head takes seconds)
-        probe = torch.cat([torch.arange(min(np_, 2 * _CPU_BLOCK_N)), torch.arange(max(0, np_ - _CPU_BLOCK_N), np_)])
-        if cuda:     # the whole layer, not a probe: the kernel's tile order was learned, not documented
+        # prefill dequantizes from the kernel's own buffer; check that we read its layout right
+        if cuda:     # the whole layer: the kernel's tile order was learned, not documented
             order = tinygemm.tile_order(device)
             self.cheap_dequant = order is not None and torch.equal(
                 tinygemm.codes(self.w_int4, order, np_, kp), codes.to(torch.uint8).to(device))
             self.register_buffer("tile_order", order, persistent=False)
-        else:
+        else:        # the first and last blocks of rows (the layout repeats per block; a whole head takes seconds)
+            probe = torch.cat([torch.arange(min(np_, 2 * _CPU_BLOCK_N)), torch.arange(max(0, np_ - _CPU_BLOCK_N), np_)])
             self.cheap_dequant = torch.equal(self.int4_codes_of_rows(probe.to(device)).to(torch.int32).cpu(),
                                              codes[probe])
         self.zero_offsets = bool((sz[..., 1] != 0).any())   # symmetric layers skip the add
