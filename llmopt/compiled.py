@@ -23,6 +23,7 @@ import torch
 
 from llmopt import one_thread
 from llmopt.kv_cache import cache_keyword
+from llmopt.models import model_device
 
 _STEP = "_llmopt_compiled_step"
 _ALONE = "_llmopt_step_alone"       # chosen by warm_up: the compiled step runs on one thread
@@ -34,7 +35,7 @@ def compiled_step(model: torch.nn.Module) -> Callable[..., Any]:
     if step is None:
         # on CUDA the step is also captured as a CUDA graph: at batch 1 launching its hundreds of kernels one
         # by one from Python costs more than running them (the static cache keeps its addresses fixed)
-        cuda = next(model.parameters()).device.type == "cuda"
+        cuda = model_device(model).type == "cuda"
         step = torch.compile(model.forward, dynamic=False, mode="reduce-overhead" if cuda else None)
         setattr(model, _STEP, step)
     return step

@@ -29,7 +29,7 @@ def _reference_weight(t: dict[str, torch.Tensor], bits: int, k: int, n: int) -> 
     return (q - zeros[g].t()).double() * t["scales"].double()[g].t()
 
 
-def _layer(n, k, bits, group, sym, seed=0, shuffle=False, use_kernels=True):
+def _layer(n, k, bits, group, sym, seed=0, shuffle=False, use_kernels=True, device="cpu"):
     torch.manual_seed(seed)
     r = rtn_quantize(torch.randn(n, k), QuantSpec(bits, group, sym))
     q, g_idx = r.q, r.g_idx
@@ -39,7 +39,7 @@ def _layer(n, k, bits, group, sym, seed=0, shuffle=False, use_kernels=True):
     t = packing.pack_layer(q, r.scales, r.zeros, g_idx, bits, "gptq_v2")
     bias = torch.randn(n)
     q2, zeros, scales, g2 = packing.unpack_layer(t, bits, "gptq_v2", k, n, group)
-    m = QuantLinear(q2, zeros, scales, g2, bias, bits, group, use_kernels=use_kernels)
+    m = QuantLinear(q2, zeros, scales, g2, bias, bits, group, device=device, use_kernels=use_kernels)
     return m, _reference_weight(t, bits, k, n), bias
 
 

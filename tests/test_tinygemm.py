@@ -55,17 +55,10 @@ def test_the_real_converter_has_a_learnable_tile_order():
 @cuda
 @pytest.mark.parametrize("n,k,group,sym", [(96, 576, 128, True), (200, 256, 64, False), (64, 512, 256, True)])
 def test_cuda_int4_kernel_and_dequant_paths_match_the_reference(n, k, group, sym, monkeypatch):
-    from llmopt.quantize import packing
-    from llmopt.quantize.gptq import QuantSpec, rtn_quantize
+    from tests.test_qlinear import _layer
 
-    torch.manual_seed(0)
-    r = rtn_quantize(torch.randn(n, k), QuantSpec(4, group, sym))
-    t = packing.pack_layer(r.q, r.scales, r.zeros, r.g_idx, 4, "gptq_v2")
-    q, zeros, scales, g_idx = packing.unpack_layer(t, 4, "gptq_v2", k, n, group)
-    bias = torch.randn(n)
-    m = qlinear.QuantLinear(q, zeros, scales, g_idx, bias, 4, group, device="cuda")
+    m, w_ref, bias = _layer(n, k, 4, group, sym, device="cuda")
     assert m.mode == "int4" and m.cheap_dequant
-    w_ref = ((q - zeros[g_idx.long()].t()).double() * scales.double()[g_idx.long()].t())
     x = torch.randn(3, 200, k, device="cuda", dtype=torch.bfloat16)
     reference = (x.double() @ w_ref.t().cuda() + bias.double().cuda())
     rel = lambda a: (torch.linalg.norm(a.double() - reference) / torch.linalg.norm(reference)).item()  # noqa: E731
