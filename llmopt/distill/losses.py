@@ -26,21 +26,55 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
+CHUNK_ELEMENTS = 1 << 21   # logits per chunk of the fused forward KL: 8 MB float32 temporaries stay in cache
+
+
+class _ForwardKL(torch.autograd.Function):
+    """KL(teacher || student) whose gradient, T (q - p) / n per token, is computed in the forward
+    pass chunk by chunk. Autograd through log_softmax would keep several [tokens, vocab] float32
+    temporaries (hundreds of MB per step at a 50k vocabulary) and traverse them again backward."""
+
+    @staticmethod
+    def forward(ctx, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float):
+        vocab = student_logits.shape[-1]
+        s, t = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+        n, rows = s.shape[0], max(1, CHUNK_ELEMENTS // vocab)
+        grad = torch.empty(s.shape, dtype=torch.float32, device=s.device)
+        total = torch.zeros((), dtype=torch.float64, device=s.device)
+        for i in range(0, n, rows):
+            log_q = F.log_softmax(s[i: i + rows].float() / temperature, dim=-1)
+            log_p = F.log_softmax(t[i: i + rows].float() / temperature, dim=-1)
+            p = log_p.exp()
+            total += (p * (log_p - log_q)).sum(dtype=torch.float64)
+            grad[i: i + rows] = log_q.exp_().sub_(p).mul_(temperature / n)
+        ctx.save_for_backward(grad)
+        ctx.shape, ctx.dtype = student_logits.shape, student_logits.dtype
+        return (total * (temperature * temperature / n)).float()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        if not (grad_output.numel() == 1 and grad_output.item() == 1.0):   # the common case saves a pass
+            grad = grad * grad_output
+        return grad.reshape(ctx.shape).to(ctx.dtype), None, None
+
+
 def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "fkl",
                temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
     """Mean per-token divergence between the softened distributions, scaled by T^2.
 
     The logits' last dimension is the vocabulary; any leading dimensions are tokens. Computed in
     float32 whatever the input dtype: bf16 log-probabilities lose the small differences KD learns from.
+    The teacher's logits get no gradient from `fkl` (the teacher is frozen).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logit shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
     t = float(temperature)
+    if kind == "fkl":
+        return _ForwardKL.apply(student_logits, teacher_logits, t)
     log_q = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    if kind == "fkl":
-        per_token = _kl(log_p, log_q)
-    elif kind == "rkl":
+    if kind == "rkl":
         per_token = _kl(log_q, log_p)
     elif kind == "jsd":
         if not 0.0 < beta < 1.0:
