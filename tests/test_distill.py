@@ -120,6 +120,32 @@ def test_learning_rate_schedule():
     assert lr_at(99, 100, 10, 1.0) < 0.001
 
 
+@pytest.mark.parametrize("bos", [False, True])
+def test_later_epochs_cut_the_text_at_a_new_offset(bos):
+    """Epoch 1 trains on the windows as cut; every later epoch on the same text cut at a fresh
+    offset, BOS kept first, so no token sits at the same window position every epoch."""
+    from llmopt.distill.loop import batches
+
+    span, n = 7, 6
+    text = torch.arange(n * span)
+    chunks = text.view(n, span)
+    if bos:
+        chunks = torch.cat([torch.full((n, 1), -1), chunks], dim=1)
+    data = batches(chunks, 2, seed=3, bos=bos)
+    epochs = [torch.cat([next(data) for _ in range(k)]) for k in (3, 2, 2, 2)]   # n, then n - 1 per epoch
+    assert sorted(epochs[0].tolist()) == sorted(chunks.tolist())
+    starts = set()
+    for windows in epochs[1:]:
+        assert windows.shape == (4, chunks.shape[1])
+        body = windows[:, 1:] if bos else windows
+        assert not bos or (windows[:, 0] == -1).all()
+        assert (body.diff(dim=1) == 1).all()                              # contiguous slices of the text
+        offsets = {int(row[0]) % span for row in body}
+        assert len(offsets) == 1 and offsets != {0}                       # one offset per epoch, not 0
+        starts |= offsets
+    assert len(starts) > 1                                                 # and not the same every epoch
+
+
 # ----------------------------------------------------------------------------- tiny teacher -> tiny student
 
 @pytest.fixture(scope="module")

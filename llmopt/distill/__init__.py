@@ -233,12 +233,12 @@ def _trainable(model, gradient_checkpointing: bool):
     return model
 
 
-def _loop_config(opts: DistillOptions) -> LoopConfig:
+def _loop_config(opts: DistillOptions, bos: bool) -> LoopConfig:
     return LoopConfig(steps=opts.steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.lr,
                       warmup_steps=opts.warmup_steps, max_grad_norm=opts.max_grad_norm, loss=opts.loss,
                       temperature=opts.temperature, beta=opts.beta, alpha_ce=opts.alpha_ce,
                       hidden_mse=opts.hidden_mse, eval_every=opts.eval_every, max_minutes=opts.max_minutes,
-                      seed=opts.seed)
+                      seed=opts.seed, bos=bos)
 
 
 def _metrics(opts: DistillOptions, result: Result, held_out: Windows, processes: int, student, teacher) -> dict:
@@ -304,7 +304,7 @@ def distill(opts: DistillOptions, progress: Progress = SILENT) -> dict:
     tok = student.tokenizer
     train_ids, held_out = inputs.windows if inputs.windows is not None else _cut(opts, tok, inputs.text)
     model = _trainable(student.model, opts.gradient_checkpointing)
-    result = train(model, teacher.model, train_ids, held_out, _loop_config(opts), accelerator, progress)
+    result = train(model, teacher.model, train_ids, held_out, _loop_config(opts, held_out.bos), accelerator, progress)
 
     metrics = _metrics(opts, result, held_out, accelerator.num_processes, model, teacher.model)
     summary = {"output": str(out), "teacher": opts.teacher, "student": opts.student, **metrics,

@@ -42,6 +42,7 @@ class LoopConfig:
     eval_every: int
     max_minutes: float | None
     seed: int
+    bos: bool = False                   # every training window starts with the tokenizer's BOS
 
 
 @dataclass
@@ -70,15 +71,34 @@ def lr_at(step: int, total: int, warmup: int, peak: float, time_fraction: float 
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def batches(chunks: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-    """Endless micro-batches of packed sequences: a fresh seeded shuffle every epoch, each process
-    taking every `world`-th sequence, so processes never train on the same text in one epoch."""
+def _recut(chunks: torch.Tensor, offset: int, bos: bool) -> torch.Tensor:
+    """The text of `chunks` (consecutive windows, BOS first in each when `bos`) cut again `offset`
+    tokens later; the last, partial window is dropped."""
+    body = chunks[:, 1:] if bos else chunks
+    span = body.shape[1]
+    text = body.reshape(-1)[offset:]
+    n = text.numel() // span
+    windows = text[: n * span].view(n, span)
+    return torch.cat([chunks[:n, :1], windows], dim=1) if bos else windows
+
+
+def batches(chunks: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1, bos: bool = False):
+    """Endless micro-batches of packed sequences, each process taking every `world`-th sequence of a
+    fresh seeded shuffle every epoch, so processes never train on the same text in one epoch.
+
+    A run of a few hundred thousand tokens repeats its text; every epoch after the first cuts it at
+    a new random offset, so a token is not always predicted from the same context."""
     epoch = 0
+    span = chunks.shape[1] - int(bos)
     while True:
         g = torch.Generator().manual_seed(seed * 100003 + epoch)
-        order = torch.randperm(len(chunks), generator=g)[rank::world]
+        windows = chunks
+        if epoch and span > 1:
+            shifted = _recut(chunks, int(torch.randint(1, span, (1,), generator=g)), bos)
+            windows = shifted if len(shifted) >= batch_size * world else chunks
+        order = torch.randperm(len(windows), generator=g)[rank::world]
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield chunks[order[i: i + batch_size]]
+            yield windows[order[i: i + batch_size]]
         epoch += 1
 
 
@@ -163,7 +183,8 @@ def _optimizer_step(model, teacher, optimizer, data, cfg: LoopConfig, accelerato
 def _run_steps(model, teacher, optimizer, train_chunks: torch.Tensor, cfg: LoopConfig, accelerator,
                evaluate: _Evaluate, result: Result, started: float, progress: Progress) -> None:
     """The optimizer steps, evaluating every --eval-every steps, at the end, and when the time budget runs out."""
-    data = batches(train_chunks, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
+    data = batches(train_chunks, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
+                   cfg.bos)
     tokens_per_step = cfg.batch_size * train_chunks.shape[1] * cfg.grad_accum * accelerator.num_processes
     budget = cfg.max_minutes * 60 if cfg.max_minutes is not None else None
     losses: list[float] = []
