@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--hidden-mse", type=float, default=0.0)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--synthetic-windows", type=int, default=0, help="teacher-written training windows")
+    ap.add_argument("--dtype", default="auto", help="the teacher's dtype")
     ap.add_argument("--end-by", default=None, metavar="HH:MM",
                     help="UTC time by which everything must be done: shortens --max-minutes to leave room for "
                          "the last perplexity measurement (estimated from the pruned model's)")
@@ -130,7 +132,8 @@ def main() -> None:
                           grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps, loss=args.loss,
                           temperature=args.temperature, alpha_ce=args.alpha_ce, hidden_mse=args.hidden_mse,
                           eval_every=args.eval_every, eval_windows=args.eval_windows, max_minutes=budget,
-                          data_dir=directory, device="cpu", force=True)
+                          synthetic_windows=args.synthetic_windows, dtype=args.dtype, data_dir=directory,
+                          device="cpu", force=True)
     cpu0 = time.process_time()
     summary = distill(opts, log)
     results["distill_process_cpu_minutes"] = (time.process_time() - cpu0) / 60
@@ -150,6 +153,9 @@ def main() -> None:
           f"{summary['train_seconds'] / 60:.1f} min wall, "
           f"{results['distill_process_cpu_minutes']:.1f} min process CPU, stopped: {summary['stopped']}, best step "
           f"{summary['best_step']}): {kd:8.3f}")
+    if summary["synthetic_windows"]:
+        print(f"  ({summary['synthetic_windows']} teacher-written windows, {summary['synthetic_seconds'] / 60:.1f} "
+              "min of the budget)")
     print(f"  gap recovered: {results['gap_recovered']:.1%} of perplexity, "
           f"{results['gap_recovered_nll']:.1%} of log-perplexity")
     print()

@@ -146,6 +146,18 @@ def test_later_epochs_cut_the_text_at_a_new_offset(bos):
     assert len(starts) > 1                                                 # and not the same every epoch
 
 
+def test_teacher_written_windows_join_every_epoch_as_they_are():
+    from llmopt.distill.loop import batches
+
+    chunks = torch.arange(6 * 8).view(6, 8)
+    extra = torch.full((3, 8), -5)
+    data = batches(chunks, 3, seed=1, extra=extra)
+    for _ in range(3):                                                     # 9 windows per epoch, 3 batches
+        epoch = torch.cat([next(data) for _ in range(3)])
+        assert (epoch == -5).all(dim=1).sum() == 3                         # all three, unchanged
+        assert ((epoch >= 0).all(dim=1)).sum() == 6
+
+
 # ----------------------------------------------------------------------------- tiny teacher -> tiny student
 
 @pytest.fixture(scope="module")
@@ -257,6 +269,72 @@ def test_windows_start_with_bos_and_its_prediction_is_not_scored(tmp_path, bos_t
     assert abs(with_bos_guess - text_only) > 1e-3 * text_only      # the two conventions do differ here
 
 
+@pytest.mark.parametrize("bos", [False, True])
+def test_teacher_continues_the_training_text(trained_teacher, tiny_tokenizer, bos):
+    """Each written window is BOS (when the corpus has one) + a stretch of the corpus + the teacher's
+    sampled continuation, as long as a corpus window; seeded; and nothing is written past the deadline."""
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    from llmopt.distill.synthetic import PROMPT_TOKENS, teacher_windows
+
+    teacher = AutoModelForCausalLM.from_pretrained(trained_teacher).eval()
+    text = torch.tensor(tiny_tokenizer(" ".join(["the cat sat on the mat and looked at the dog"] * 40))["input_ids"])
+    span = 64 - int(bos)
+    chunks = text[: (text.numel() // span) * span].view(-1, span)
+    if bos:
+        chunks = torch.cat([torch.full((len(chunks), 1), 1), chunks], dim=1)
+    written = teacher_windows(teacher, chunks, 5, bos, seed=0)
+    assert written.shape == (5, 64)
+    assert not bos or (written[:, 0] == 1).all()
+    flat = text.tolist()
+    for row in written[:, int(bos):].tolist():
+        prompt = row[:PROMPT_TOKENS]
+        assert any(flat[i: i + PROMPT_TOKENS] == prompt for i in range(len(flat) - PROMPT_TOKENS))
+    assert not any(row[int(bos):] in (chunks[:, int(bos):].tolist()) for row in written.tolist())   # new text
+    assert torch.equal(teacher_windows(teacher, chunks, 5, bos, seed=0), written)
+    assert not torch.equal(teacher_windows(teacher, chunks, 5, bos, seed=1), written)
+    assert len(teacher_windows(teacher, chunks, 5, bos, seed=0, stop_at=time.monotonic() - 1)) == 0
+
+
+def test_distill_trains_on_teacher_written_windows(pair, tmp_path):
+    teacher, student = pair
+    summary = distill(_opts(teacher, student, tmp_path / "kd", steps=6, synthetic_windows=3))
+    assert summary["synthetic_windows"] == 3 and summary["synthetic_seconds"] > 0
+    assert summary["student_heldout_ppl_best"] < summary["student_heldout_ppl_before"]
+    assert json.loads((tmp_path / "kd" / "llmopt.json").read_text())["parameters"]["synthetic_windows"] == 3
+
+
+@pytest.mark.parametrize("native", [True, False, True])
+def test_precision_follows_the_cpu(pair, tmp_path, monkeypatch, native):
+    """bf16 autocast for student and teacher where the CPU multiplies bf16 natively, float32 elsewhere;
+    runs of either kind follow each other in one process."""
+    import llmopt.distill as distill_module
+    import llmopt.distill.loop as loop
+
+    monkeypatch.setattr(distill_module, "native_bf16", lambda: native)
+    teacher, student = pair
+    seen: set[tuple[str, torch.dtype]] = set()
+    real = loop._accumulate
+
+    def spy(model, teacher_model, *args, **kw):       # the dtype each side's layers compute in while training
+        hooks = [m.model.layers[0].mlp.down_proj.register_forward_hook(lambda _m, _i, o, who=who: seen.add((who, o.dtype)))
+                 for who, m in (("student", model), ("teacher", teacher_model))]
+        try:
+            return real(model, teacher_model, *args, **kw)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    monkeypatch.setattr(loop, "_accumulate", spy)
+    summary = distill(_opts(teacher, student, tmp_path / "kd", steps=3))
+    expected = torch.bfloat16 if native else torch.float32
+    assert seen == {("student", expected), ("teacher", expected)}
+    assert summary["mixed_precision"] == ("bf16" if native else "no") and summary["teacher_dtype"] == "float32"
+    assert summary["student_heldout_ppl_best"] < summary["student_heldout_ppl_before"]
+
+
 def test_time_budget_stops_early(pair, tmp_path):
     teacher, student = pair
     summary = distill(_opts(teacher, student, tmp_path / "kd", steps=10_000, max_minutes=0.002))
@@ -363,6 +441,7 @@ def test_bad_values_fail_fast(pair, tmp_path, cli):
     _bad(cli, *common, "--loss", "jsd", "--beta", "1", match="--beta")
     _bad(cli, *common, "--temperature", "0", match="--temperature")
     _bad(cli, *common, "--alpha-ce", "1.5", match="--alpha-ce")
+    _bad(cli, *common, "--synthetic-windows", "-1", match="--synthetic-windows cannot be negative")
     _bad(cli, *common, "--data", tmp_path / "missing.txt", match="neither a file")
     _bad(cli, *common, "--data", "wikitext2", "--data-dir", tmp_path, match="holds none of")
     assert not (tmp_path / "o").exists()

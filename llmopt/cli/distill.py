@@ -47,6 +47,11 @@ def distill(
     eval_every: Annotated[int, typer.Option(help="Held-out perplexity every N steps (0 = only before and after); "
                                                  "the best checkpoint is the one written.")] = D.eval_every,
     eval_windows: Annotated[int, typer.Option(help="Held-out windows of --seq-len tokens.")] = D.eval_windows,
+    synthetic_windows: Annotated[int, typer.Option(help="Also train on this many windows the teacher writes, each "
+                                                        "continuing 32 tokens of the training text (top-p 0.95): "
+                                                        "more text when the corpus is small. Written before "
+                                                        "training, within half of --max-minutes.")
+                                 ] = D.synthetic_windows,
     max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes (the last "
                                                            "evaluation and the save come after).")
                            ] = D.max_minutes,
@@ -59,8 +64,10 @@ def distill(
     device: Device = D.device,
     dtype: Annotated[str, typer.Option("--dtype", help="The teacher's dtype: auto (bfloat16 on CUDA, float32 on "
                                                        "CPU), float32, bfloat16 or float16. The student always "
-                                                       "trains in float32 weights (bf16 autocast on GPU) and is "
-                                                       "saved in its original dtype.")] = D.dtype,
+                                                       "trains in float32 weights, under bf16 autocast (the "
+                                                       "teacher too) where the hardware multiplies bf16 "
+                                                       "natively (a GPU with bf16, a CPU with AMX or AVX-512 "
+                                                       "bf16), and is saved in its original dtype.")] = D.dtype,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -73,6 +80,7 @@ def distill(
                           batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
                           max_grad_norm=max_grad_norm, loss=loss, temperature=temperature, beta=beta,
                           alpha_ce=alpha_ce, hidden_mse=hidden_mse, eval_every=eval_every, eval_windows=eval_windows,
+                          synthetic_windows=synthetic_windows,
                           max_minutes=max_minutes, gradient_checkpointing=gradient_checkpointing, seed=seed,
                           data_dir=data_dir, device=device, dtype=dtype, force=force)
     summary = run_distill(opts, RichProgress(not json))

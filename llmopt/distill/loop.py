@@ -23,6 +23,7 @@ import torch
 from llmopt.bench.quality import window_nll
 from llmopt.data import Windows
 from llmopt.distill.losses import combined
+from llmopt.distill.synthetic import teacher_windows
 from llmopt.progress import SILENT, Progress
 
 
@@ -43,6 +44,7 @@ class LoopConfig:
     max_minutes: float | None
     seed: int
     bos: bool = False                   # every training window starts with the tokenizer's BOS
+    synthetic_windows: int = 0          # teacher-sampled windows added to the training text
 
 
 @dataclass
@@ -55,6 +57,8 @@ class Result:
     best_state: dict | None = None      # CPU copy of the student's weights at best_step (main process)
     teacher_ppl: float | None = None
     tokens: int = 0                     # training tokens seen by the student, all processes together
+    synthetic_windows: int = 0          # teacher-sampled windows written (fewer than asked when time ran short)
+    synthetic_seconds: float = 0.0
     train_seconds: float = 0.0
 
 
@@ -82,12 +86,14 @@ def _recut(chunks: torch.Tensor, offset: int, bos: bool) -> torch.Tensor:
     return torch.cat([chunks[:n, :1], windows], dim=1) if bos else windows
 
 
-def batches(chunks: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1, bos: bool = False):
+def batches(chunks: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1, bos: bool = False,
+            extra: torch.Tensor | None = None):
     """Endless micro-batches of packed sequences, each process taking every `world`-th sequence of a
     fresh seeded shuffle every epoch, so processes never train on the same text in one epoch.
 
     A run of a few hundred thousand tokens repeats its text; every epoch after the first cuts it at
-    a new random offset, so a token is not always predicted from the same context."""
+    a new random offset, so a token is not always predicted from the same context. `extra` windows
+    (the teacher's samples: separate texts, not one) join every epoch as they are."""
     epoch = 0
     span = chunks.shape[1] - int(bos)
     while True:
@@ -96,6 +102,8 @@ def batches(chunks: torch.Tensor, batch_size: int, seed: int, rank: int = 0, wor
         if epoch and span > 1:
             shifted = _recut(chunks, int(torch.randint(1, span, (1,), generator=g)), bos)
             windows = shifted if len(shifted) >= batch_size * world else chunks
+        if extra is not None and len(extra):
+            windows = torch.cat([windows, extra])
         order = torch.randperm(len(windows), generator=g)[rank::world]
         for i in range(0, len(order) - batch_size + 1, batch_size):
             yield windows[order[i: i + batch_size]]
@@ -154,7 +162,7 @@ def _accumulate(model, teacher, data, cfg: LoopConfig, accelerator) -> dict[str,
         ids = next(data).to(accelerator.device)
         last = micro == cfg.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
-            with torch.no_grad():
+            with torch.no_grad(), accelerator.autocast():
                 t_out = teacher(ids, output_hidden_states=need_hidden, use_cache=False)
             s_out = model(ids, output_hidden_states=need_hidden, use_cache=False)
             terms = combined(s_out.logits, t_out.logits, ids, kind=cfg.loss, temperature=cfg.temperature,
@@ -180,11 +188,11 @@ def _optimizer_step(model, teacher, optimizer, data, cfg: LoopConfig, accelerato
     return step_terms
 
 
-def _run_steps(model, teacher, optimizer, train_chunks: torch.Tensor, cfg: LoopConfig, accelerator,
-               evaluate: _Evaluate, result: Result, started: float, progress: Progress) -> None:
+def _run_steps(model, teacher, optimizer, train_chunks: torch.Tensor, extra: torch.Tensor | None, cfg: LoopConfig,
+               accelerator, evaluate: _Evaluate, result: Result, started: float, progress: Progress) -> None:
     """The optimizer steps, evaluating every --eval-every steps, at the end, and when the time budget runs out."""
     data = batches(train_chunks, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
-                   cfg.bos)
+                   cfg.bos, extra)
     tokens_per_step = cfg.batch_size * train_chunks.shape[1] * cfg.grad_accum * accelerator.num_processes
     budget = cfg.max_minutes * 60 if cfg.max_minutes is not None else None
     losses: list[float] = []
@@ -214,6 +222,24 @@ def _run_steps(model, teacher, optimizer, train_chunks: torch.Tensor, cfg: LoopC
             break
 
 
+def _synthetic(teacher, train_chunks: torch.Tensor, cfg: LoopConfig, accelerator, result: Result, started: float,
+               progress: Progress) -> torch.Tensor | None:
+    """The teacher's samples, written on the training clock and within half of a time budget (the
+    rest is for training on them). Every process writes the same ones (same seed) and trains on its
+    own share of the batches, as with the corpus."""
+    if cfg.synthetic_windows <= 0:
+        return None
+    t0 = time.monotonic()
+    stop_at = started + cfg.max_minutes * 30 if cfg.max_minutes is not None else None
+    with accelerator.autocast():
+        extra = teacher_windows(teacher, train_chunks, cfg.synthetic_windows, cfg.bos, cfg.seed, stop_at, progress)
+    result.synthetic_windows, result.synthetic_seconds = len(extra), round(time.monotonic() - t0, 1)
+    if len(extra) < cfg.synthetic_windows:
+        progress.note(f"half of --max-minutes spent writing text: {len(extra)} of {cfg.synthetic_windows} "
+                      "teacher-written windows")
+    return extra
+
+
 def train(student, teacher, train_chunks: torch.Tensor, eval_windows: Windows | torch.Tensor, cfg: LoopConfig,
           accelerator, progress: Progress = SILENT) -> Result:
     """Distill `teacher` into `student` (already placed on accelerator.device); returns the curve and
@@ -224,8 +250,9 @@ def train(student, teacher, train_chunks: torch.Tensor, eval_windows: Windows | 
     result = Result(steps_done=0, stopped="completed")
     teacher.eval().requires_grad_(False)
 
-    result.teacher_ppl = math.exp(window_nll(teacher, eval_windows, progress, "Teacher held-out perplexity")
-                                  .mean().item())
+    with accelerator.autocast():        # the student's forward is autocast too (accelerator.prepare)
+        result.teacher_ppl = math.exp(window_nll(teacher, eval_windows, progress, "Teacher held-out perplexity")
+                                      .mean().item())
 
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     model, optimizer = accelerator.prepare(student, optimizer)
@@ -233,8 +260,10 @@ def train(student, teacher, train_chunks: torch.Tensor, eval_windows: Windows | 
     try:
         evaluate(0, None, progress)
         model.train()
+        extra = _synthetic(teacher, train_chunks, cfg, accelerator, result, started, progress)
         progress.start("Distilling", total=cfg.steps)
-        _run_steps(model, teacher, optimizer, train_chunks, cfg, accelerator, evaluate, result, started, progress)
+        _run_steps(model, teacher, optimizer, train_chunks, extra, cfg, accelerator, evaluate, result, started,
+                   progress)
         progress.finish()
     except KeyboardInterrupt:
         progress.finish()
