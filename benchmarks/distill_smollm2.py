@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--synthetic-windows", type=int, default=0, help="teacher-written training windows")
     ap.add_argument("--dtype", default="auto", help="the teacher's dtype")
+    ap.add_argument("--precision", default="auto", help="llmopt distill --precision")
     ap.add_argument("--end-by", default=None, metavar="HH:MM",
                     help="UTC time by which everything must be done: shortens --max-minutes to leave room for "
                          "the last perplexity measurement (estimated from the pruned model's)")
@@ -132,7 +133,8 @@ def main() -> None:
                           grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps, loss=args.loss,
                           temperature=args.temperature, alpha_ce=args.alpha_ce, hidden_mse=args.hidden_mse,
                           eval_every=args.eval_every, eval_windows=args.eval_windows, max_minutes=budget,
-                          synthetic_windows=args.synthetic_windows, dtype=args.dtype, data_dir=directory,
+                          synthetic_windows=args.synthetic_windows, dtype=args.dtype, precision=args.precision,
+                          data_dir=directory,
                           device="cpu", force=True)
     cpu0 = time.process_time()
     summary = distill(opts, log)

@@ -306,20 +306,19 @@ def test_distill_trains_on_teacher_written_windows(pair, tmp_path):
     assert json.loads((tmp_path / "kd" / "llmopt.json").read_text())["parameters"]["synthetic_windows"] == 3
 
 
-@pytest.mark.parametrize("native", [True, False, True])
-def test_precision_follows_the_cpu(pair, tmp_path, monkeypatch, native):
-    """bf16 autocast for student and teacher where the CPU multiplies bf16 natively, float32 elsewhere;
-    runs of either kind follow each other in one process."""
-    import llmopt.distill as distill_module
+@pytest.mark.parametrize("precision,bf16", [("bf16", True), ("auto", False), ("bf16", True), ("float32", False)])
+def test_precision_of_student_and_teacher(pair, tmp_path, monkeypatch, precision, bf16):
+    """--precision bf16 runs both models' forward passes under bf16 autocast; auto on CPU and float32
+    run float32; runs of either kind follow each other in one process."""
     import llmopt.distill.loop as loop
 
-    monkeypatch.setattr(distill_module, "native_bf16", lambda: native)
     teacher, student = pair
     seen: set[tuple[str, torch.dtype]] = set()
     real = loop._accumulate
 
     def spy(model, teacher_model, *args, **kw):       # the dtype each side's layers compute in while training
-        hooks = [m.model.layers[0].mlp.down_proj.register_forward_hook(lambda _m, _i, o, who=who: seen.add((who, o.dtype)))
+        hooks = [m.model.layers[0].mlp.down_proj.register_forward_hook(
+                     lambda _m, _i, o, who=who: seen.add((who, o.dtype)))
                  for who, m in (("student", model), ("teacher", teacher_model))]
         try:
             return real(model, teacher_model, *args, **kw)
@@ -328,10 +327,10 @@ def test_precision_follows_the_cpu(pair, tmp_path, monkeypatch, native):
                 hook.remove()
 
     monkeypatch.setattr(loop, "_accumulate", spy)
-    summary = distill(_opts(teacher, student, tmp_path / "kd", steps=3))
-    expected = torch.bfloat16 if native else torch.float32
+    summary = distill(_opts(teacher, student, tmp_path / "kd", steps=3, precision=precision))
+    expected = torch.bfloat16 if bf16 else torch.float32
     assert seen == {("student", expected), ("teacher", expected)}
-    assert summary["mixed_precision"] == ("bf16" if native else "no") and summary["teacher_dtype"] == "float32"
+    assert summary["mixed_precision"] == ("bf16" if bf16 else "no") and summary["teacher_dtype"] == "float32"
     assert summary["student_heldout_ppl_best"] < summary["student_heldout_ppl_before"]
 
 
@@ -442,6 +441,7 @@ def test_bad_values_fail_fast(pair, tmp_path, cli):
     _bad(cli, *common, "--temperature", "0", match="--temperature")
     _bad(cli, *common, "--alpha-ce", "1.5", match="--alpha-ce")
     _bad(cli, *common, "--synthetic-windows", "-1", match="--synthetic-windows cannot be negative")
+    _bad(cli, *common, "--precision", "fp8", match="unknown --precision")
     _bad(cli, *common, "--data", tmp_path / "missing.txt", match="neither a file")
     _bad(cli, *common, "--data", "wikitext2", "--data-dir", tmp_path, match="holds none of")
     assert not (tmp_path / "o").exists()

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from llmopt.checkpoint import atomic_output, check_output, provenance, write_provenance
-from llmopt.cpu_features import native_bf16
 from llmopt.data import Text, Windows, bos_id, check_source, cut_eval, load_text, resolve_auto, text_per_window, \
     tokenize, tokenize_corpus
 from llmopt.distill.losses import LOSSES
@@ -30,6 +29,9 @@ from llmopt.info import count_parameters
 from llmopt.models import LoadedModel, Source, load_model, local_dir, parse_device, parse_dtype, quant_method, \
     read_config
 from llmopt.progress import SILENT, Progress
+
+
+PRECISIONS = ("auto", "bf16", "float32")
 
 
 @dataclass
@@ -59,6 +61,7 @@ class DistillOptions:
     data_dir: str | None = None
     device: str = "auto"
     dtype: str = "auto"                 # the teacher's dtype; the student trains in float32 weights
+    precision: str = "auto"             # auto (bf16 on a GPU with bf16, else float32) | bf16 | float32
     force: bool = False
 
     def validate(self) -> None:
@@ -82,6 +85,8 @@ class DistillOptions:
         require(self.synthetic_windows >= 0, f"--synthetic-windows cannot be negative, got {self.synthetic_windows}")
         require(self.max_minutes is None or self.max_minutes > 0,
                 f"--max-minutes must be positive, got {self.max_minutes}")
+        require(self.precision in PRECISIONS, f"unknown --precision '{self.precision}'",
+                f"use one of {', '.join(PRECISIONS)}")
         parse_device(self.device)
         parse_dtype(self.dtype, torch.device("cpu"))
         check_source(self.data, "--data", "train", self.data_dir)
@@ -157,16 +162,18 @@ def training_windows(tokenizer, text: str, seq_len: int, eval_windows: int, batc
 
 # --------------------------------------------------------------------------- the command
 
-def _accelerator(device: torch.device):
-    """bf16 autocast (float32 weights) where the hardware multiplies bf16 natively: a GPU with bf16, or a
-    CPU with AMX / AVX-512 bf16 (a training step about 1.5x faster there); float32 elsewhere. The
-    teacher's forward passes run under the same autocast, so both sides compute alike."""
+def _accelerator(device: torch.device, precision: str = "auto"):
+    """`auto`: bf16 autocast (float32 weights) on a GPU with bf16, float32 on CPU. On a CPU with AMX,
+    bf16 trains about 1.4x faster per step but scored worse per step in docs/distill.md, so it is
+    asked for, not chosen. The teacher's forward passes run under the same autocast as the student's."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    precision = "bf16" if (torch.cuda.is_bf16_supported() if device.type == "cuda" else native_bf16()) else "no"
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    precision = "no" if precision == "float32" else precision
     state = AcceleratorState._shared_state
     if state and str(state.get("_mixed_precision", precision)) != precision:
         # one process may distill more than once (a recipe, a library caller) on devices that differ;
@@ -309,7 +316,7 @@ def distill(opts: DistillOptions, progress: Progress = SILENT) -> dict:
     out = check_output(opts.output, opts.force)
     inputs = _check_inputs(opts, progress)
 
-    accelerator = _accelerator(parse_device(opts.device))
+    accelerator = _accelerator(parse_device(opts.device), opts.precision)
     if not accelerator.is_main_process:
         progress = SILENT
     from accelerate.utils import set_seed
@@ -341,4 +348,4 @@ def distill(opts: DistillOptions, progress: Progress = SILENT) -> dict:
     return summary
 
 
-__all__ = ["DistillOptions", "distill", "check_tokenizers", "training_windows"]
+__all__ = ["PRECISIONS", "DistillOptions", "distill", "check_tokenizers", "training_windows"]

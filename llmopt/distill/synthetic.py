@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from llmopt.kv_cache import cache_kwargs
 from llmopt.progress import SILENT, Progress
 
 PROMPT_TOKENS = 32      # text tokens from the corpus that each sample continues
@@ -39,8 +40,9 @@ def _sample(teacher, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
     pad = eos[0] if isinstance(eos, list) and eos else eos
     settings = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=TOP_P, max_new_tokens=new_tokens,
                                 min_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad if pad is not None else 0)
-    with torch.no_grad():
-        return teacher.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=settings)
+    with torch.no_grad():     # llmopt's in-place cache: transformers' copies the whole cache every token
+        return teacher.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=settings,
+                                **cache_kwargs(teacher))
 
 
 def teacher_windows(teacher, chunks: torch.Tensor, count: int, bos: bool, seed: int, stop_at: float | None = None,

@@ -35,12 +35,13 @@ Measured speeds and the crossovers: docs/runtime.md.
 from __future__ import annotations
 
 import functools
+import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from llmopt import one_thread
-from llmopt.cpu_features import native_bf16
 from llmopt.quantize import packing, tinygemm
 
 # rows (tokens) from which the CPU forward dequantizes + runs the BLAS GEMM instead of calling the kernels;
@@ -86,13 +87,23 @@ def _op(name: str):
     return getattr(torch.ops.aten, name, None)
 
 
+@functools.cache
+def _native_bf16() -> bool:
+    """Whether the CPU has bf16 dot-product instructions (Linux's flags; False when unknown)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags)) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def dequant_dtype(device_type: str = "cpu", input_dtype: torch.dtype = torch.float32) -> torch.dtype:
     """The dtype the dequantize path multiplies in: `DEQUANT_DTYPE`, else bf16 on CPUs with native bf16."""
     if device_type != "cpu":
         return input_dtype
     if DEQUANT_DTYPE is not None:
         return DEQUANT_DTYPE
-    return torch.bfloat16 if native_bf16() else torch.float32
+    return torch.bfloat16 if _native_bf16() else torch.float32
 
 
 def _ceil_to(n: int, m: int) -> int:
