@@ -298,6 +298,18 @@ def test_teacher_continues_the_training_text(trained_teacher, tiny_tokenizer, bo
     assert len(teacher_windows(teacher, chunks, 5, bos, seed=0, stop_at=time.monotonic() - 1)) == 0
 
 
+def test_teacher_writes_more_windows_than_the_corpus_has(trained_teacher, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from llmopt.distill.synthetic import teacher_windows
+
+    teacher = AutoModelForCausalLM.from_pretrained(trained_teacher).eval()
+    text = torch.tensor(tiny_tokenizer(" ".join(["a bird flew over the quiet river"] * 30))["input_ids"])
+    chunks = torch.cat([torch.full((3, 1), 1), text[: 3 * 47].view(3, 47)], dim=1)     # 3 windows, BOS first
+    written = teacher_windows(teacher, chunks, 5, bos=True, seed=0)
+    assert written.shape == (5, 48) and (written[:, 0] == 1).all()
+
+
 def test_distill_trains_on_teacher_written_windows(pair, tmp_path):
     teacher, student = pair
     summary = distill(_opts(teacher, student, tmp_path / "kd", steps=6, synthetic_windows=3))

@@ -29,7 +29,7 @@ def _prompts(chunks: torch.Tensor, count: int, bos: bool, generator: torch.Gener
     text = (chunks[:, 1:] if bos else chunks).reshape(-1)
     starts = torch.randint(0, text.numel() - PROMPT_TOKENS, (count,), generator=generator)
     prompts = torch.stack([text[s: s + PROMPT_TOKENS] for s in starts.tolist()])
-    return torch.cat([chunks[:count, :1], prompts], dim=1) if bos else prompts
+    return torch.cat([chunks[:1, :1].expand(count, 1), prompts], dim=1) if bos else prompts
 
 
 def _sample(teacher, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
