@@ -134,8 +134,7 @@ def main() -> None:
                           temperature=args.temperature, alpha_ce=args.alpha_ce, hidden_mse=args.hidden_mse,
                           eval_every=args.eval_every, eval_windows=args.eval_windows, max_minutes=budget,
                           synthetic_windows=args.synthetic_windows, dtype=args.dtype, precision=args.precision,
-                          data_dir=directory,
-                          device="cpu", force=True)
+                          data_dir=directory, device="cpu", force=True)
     cpu0 = time.process_time()
     summary = distill(opts, log)
     results["distill_process_cpu_minutes"] = (time.process_time() - cpu0) / 60
