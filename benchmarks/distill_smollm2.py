@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--synthetic-windows", type=int, default=0, help="teacher-written training windows")
+    ap.add_argument("--ema", type=float, default=0.0, help="llmopt distill --ema")
     ap.add_argument("--dtype", default="auto", help="the teacher's dtype")
     ap.add_argument("--precision", default="auto", help="llmopt distill --precision")
     ap.add_argument("--end-by", default=None, metavar="HH:MM",
@@ -133,7 +134,7 @@ def main() -> None:
                           grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps, loss=args.loss,
                           temperature=args.temperature, alpha_ce=args.alpha_ce, hidden_mse=args.hidden_mse,
                           eval_every=args.eval_every, eval_windows=args.eval_windows, max_minutes=budget,
-                          synthetic_windows=args.synthetic_windows, dtype=args.dtype, precision=args.precision,
+                          synthetic_windows=args.synthetic_windows, ema=args.ema, dtype=args.dtype, precision=args.precision,
                           data_dir=directory, device="cpu", force=True)
     cpu0 = time.process_time()
     summary = distill(opts, log)
@@ -162,10 +163,13 @@ def main() -> None:
     print()
     print(f"held-out curve (last {args.eval_windows} x {args.seq_len} tokens of wiki.valid.raw; teacher "
           f"{summary['teacher_heldout_ppl']:.3f})")
-    print("  step  tokens  minutes  held-out ppl  train loss")
+    print("  step  tokens  minutes  held-out ppl  train loss  averaged weights")
     for row in summary["curve"]:
         loss = "-" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
-        print(f"  {row['step']:4d}  {row['tokens']:6d}  {row['elapsed_s'] / 60:7.1f}  {row['ppl']:12.3f}  {loss:>10}")
+        averaged = f"{row['ppl_average']:16.3f}" if "ppl_average" in row else ""
+        print(f"  {row['step']:4d}  {row['tokens']:6d}  {row['elapsed_s'] / 60:7.1f}  {row['ppl']:12.3f}  {loss:>10}"
+              f"  {averaged}")
+    print(f"  kept: step {summary['best_step']}, {summary['best_weights']} weights")
 
 
 if __name__ == "__main__":

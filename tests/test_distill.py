@@ -158,6 +158,62 @@ def test_teacher_written_windows_join_every_epoch_as_they_are():
         assert ((epoch >= 0).all(dim=1)).sum() == 6
 
 
+def test_weight_average_follows_the_trained_weights_and_swaps_back():
+    from llmopt.distill.loop import Average
+
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)                  # frozen weights are not averaged
+    start = model.weight.detach().clone()
+    average = Average(model, decay=0.9)
+    expected = start.clone()
+    for t in range(30):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        average.update()
+        decay = min(0.9, (1 + t) / (10 + t))          # ramps up from 0.1
+        expected = decay * expected + (1 - decay) * model.weight.detach()
+    assert len(average.values) == 1
+    torch.testing.assert_close(average.values[0], expected)
+    trained = model.weight.detach().clone()
+    average.swap()
+    torch.testing.assert_close(model.weight.detach(), expected)
+    average.swap()
+    assert torch.equal(model.weight.detach(), trained)
+
+
+def test_evaluation_keeps_the_better_of_trained_and_averaged_weights(tiny_tokenizer):
+    from accelerate import Accelerator
+
+    from llmopt.distill.loop import Average, Result, _evaluator
+    from llmopt.progress import SILENT
+
+    torch.manual_seed(0)
+    good = build_tiny("llama", tiny_tokenizer)         # trained on the held-out windows below: the better one
+    windows = torch.randint(0, 200, (2, 32))
+    model = build_tiny("llama", tiny_tokenizer)
+    opt = torch.optim.AdamW(good.parameters(), lr=1e-2)
+    for _ in range(20):
+        good(windows, labels=windows).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    for weights, expect in ((good, "average"), (model, "trained")):
+        average = Average(model, decay=0.5)
+        for value, param in zip(average.values, weights.parameters()):
+            value.copy_(param.detach())
+        if weights is model:           # the average is now worse than the trained weights
+            torch._foreach_mul_(average.values, 3.0)
+        result = Result(steps_done=0, stopped="completed", teacher_ppl=1.0)
+        evaluate = _evaluator(Accelerator(cpu=True), model, windows, result, 4, 0.0, SILENT, average)
+        evaluate(4, 0.5, SILENT)
+        row = result.curve[-1]
+        assert result.best_weights == expect
+        assert result.best_ppl == pytest.approx(min(row["ppl"], row["ppl_average"]), rel=1e-4)
+        kept = good.state_dict() if expect == "average" else trained
+        assert all(torch.equal(result.best_state[k], kept[k]) for k in kept)
+        assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())   # swapped back
+
+
 # ----------------------------------------------------------------------------- tiny teacher -> tiny student
 
 @pytest.fixture(scope="module")
@@ -230,6 +286,18 @@ def test_other_losses_and_options_train(pair, tmp_path, loss, extra):
     summary = distill(_opts(teacher, student, tmp_path / "kd", steps=8, loss=loss, **extra))
     assert summary["student_heldout_ppl_best"] < summary["student_heldout_ppl_before"]
     assert summary["tokens_trained"] == 8 * 4 * 64 * extra.get("grad_accum", 1)
+
+
+def test_distill_scores_and_keeps_averaged_weights(pair, tmp_path):
+    teacher, student = pair
+    summary = distill(_opts(teacher, student, tmp_path / "kd", ema=0.9))
+    rows = summary["curve"]
+    assert "ppl_average" not in rows[0] and all("ppl_average" in row for row in rows[1:])
+    scores = [row["ppl"] for row in rows] + [row["ppl_average"] for row in rows[1:]]
+    assert summary["student_heldout_ppl_best"] == pytest.approx(min(scores), rel=1e-3)
+    assert summary["best_weights"] in ("trained", "average")
+    record = json.loads((tmp_path / "kd" / "llmopt.json").read_text())
+    assert record["parameters"]["ema"] == 0.9 and record["metrics"]["best_weights"] == summary["best_weights"]
 
 
 def test_windows_start_with_bos_and_its_prediction_is_not_scored(tmp_path, bos_tokenizer, monkeypatch):
@@ -454,6 +522,7 @@ def test_bad_values_fail_fast(pair, tmp_path, cli):
     _bad(cli, *common, "--alpha-ce", "1.5", match="--alpha-ce")
     _bad(cli, *common, "--synthetic-windows", "-1", match="--synthetic-windows cannot be negative")
     _bad(cli, *common, "--precision", "fp8", match="unknown --precision")
+    _bad(cli, *common, "--ema", "1", match="--ema must be in")
     _bad(cli, *common, "--data", tmp_path / "missing.txt", match="neither a file")
     _bad(cli, *common, "--data", "wikitext2", "--data-dir", tmp_path, match="holds none of")
     assert not (tmp_path / "o").exists()

@@ -55,6 +55,7 @@ class DistillOptions:
     eval_every: int = 50                # 0 = evaluate only before and after training
     eval_windows: int = 16              # held-out windows of seq_len tokens
     synthetic_windows: int = 0          # windows the teacher samples (continuing the text) to train on too
+    ema: float = 0.0                    # decay of a moving average of the student's weights, also scored (0 = off)
     max_minutes: float | None = None    # training time budget
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -82,6 +83,8 @@ class DistillOptions:
         require(self.hidden_mse >= 0, f"--hidden-mse cannot be negative, got {self.hidden_mse}")
         require(self.eval_every >= 0, f"--eval-every cannot be negative, got {self.eval_every}")
         require(self.eval_windows > 0, f"--eval-windows must be positive, got {self.eval_windows}")
+        require(0 <= self.ema < 1, f"--ema must be in [0, 1), got {self.ema}",
+                "0 turns the average off; 0.99 averages over about the last 100 steps")
         require(self.synthetic_windows >= 0, f"--synthetic-windows cannot be negative, got {self.synthetic_windows}")
         require(self.max_minutes is None or self.max_minutes > 0,
                 f"--max-minutes must be positive, got {self.max_minutes}")
@@ -257,7 +260,7 @@ def _loop_config(opts: DistillOptions, bos: bool) -> LoopConfig:
                       warmup_steps=opts.warmup_steps, max_grad_norm=opts.max_grad_norm, loss=opts.loss,
                       temperature=opts.temperature, beta=opts.beta, alpha_ce=opts.alpha_ce,
                       hidden_mse=opts.hidden_mse, eval_every=opts.eval_every, max_minutes=opts.max_minutes,
-                      seed=opts.seed, bos=bos, synthetic_windows=opts.synthetic_windows)
+                      seed=opts.seed, bos=bos, synthetic_windows=opts.synthetic_windows, ema=opts.ema)
 
 
 def _metrics(opts: DistillOptions, result: Result, held_out: Windows, processes: int, mixed_precision: str, student,
@@ -268,6 +271,7 @@ def _metrics(opts: DistillOptions, result: Result, held_out: Windows, processes:
         "student_heldout_ppl_before": result.curve[0]["ppl"],
         "student_heldout_ppl_best": round(result.best_ppl, 4),
         "best_step": result.best_step,
+        "best_weights": result.best_weights,
         "steps_done": result.steps_done,
         "steps_requested": opts.steps,
         "stopped": result.stopped,

@@ -45,6 +45,7 @@ class LoopConfig:
     seed: int
     bos: bool = False                   # every training window starts with the tokenizer's BOS
     synthetic_windows: int = 0          # teacher-sampled windows added to the training text
+    ema: float = 0.0                    # decay of the moving average of the student's weights (0 = none)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Result:
     best_step: int = 0
     best_ppl: float = math.inf
     best_state: dict | None = None      # CPU copy of the student's weights at best_step (main process)
+    best_weights: str = "trained"       # "trained" or "average": which weights best_state holds
     teacher_ppl: float | None = None
     tokens: int = 0                     # training tokens seen by the student, all processes together
     synthetic_windows: int = 0          # teacher-sampled windows written (fewer than asked when time ran short)
@@ -131,24 +133,60 @@ def _snapshot(accelerator, model) -> dict | None:
 _Evaluate = Callable[[int, float | None, Progress], None]
 
 
+class Average:
+    """An exponential moving average of the trained weights (Polyak averaging). A student that learns a
+    small corpus by heart generalizes better from an average over its last steps than from any one of
+    them; the decay ramps up from 0.1 so early weights fade out fast."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.values = [p.detach().clone() for p in self.params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.values, [p.detach() for p in self.params], 1.0 - decay)
+        self.updates += 1
+
+    def swap(self) -> None:
+        """Exchange the model's weights with the average (no copies); call again to swap back."""
+        for p, v in zip(self.params, self.values):
+            p.data, v.data = v.data, p.data
+
+
 def _evaluator(accelerator, model, eval_windows: Windows | torch.Tensor, result: Result, total: int,
-               started: float, progress: Progress) -> _Evaluate:
-    """Scores the student on the held-out windows, appends a curve row, and keeps the best state so far."""
+               started: float, progress: Progress, average: Average | None = None) -> _Evaluate:
+    """Scores the student on the held-out windows, appends a curve row, and keeps the best state so far:
+    the trained weights' or, with an average, whichever of the two scores lower."""
     bare = accelerator.unwrap_model(model)
 
-    def evaluate(step: int, train_loss: float | None, show: Progress) -> None:
+    def score(weights: str, step: int, show: Progress) -> float:
         bare.eval()
         ppl = math.exp(window_nll(bare, eval_windows, show, "Student held-out perplexity").mean().item())
         bare.train()
-        best = ppl < result.best_ppl
-        if best:
-            result.best_ppl, result.best_step = ppl, step
+        if ppl < result.best_ppl:
+            result.best_ppl, result.best_step, result.best_weights = ppl, step, weights
             result.best_state = _snapshot(accelerator, model)
-        result.curve.append({"step": step, "ppl": round(ppl, 4), "train_loss": train_loss,
-                             "tokens": result.tokens, "elapsed_s": round(time.monotonic() - started, 1)})
+        return ppl
+
+    def evaluate(step: int, train_loss: float | None, show: Progress) -> None:
+        before = result.best_ppl
+        row = {"step": step, "ppl": round(score("trained", step, show), 4)}
+        if average is not None and step:
+            average.swap()
+            try:
+                row["ppl_average"] = round(score("average", step, show), 4)
+            finally:
+                average.swap()
+        row.update(train_loss=train_loss, tokens=result.tokens, elapsed_s=round(time.monotonic() - started, 1))
+        result.curve.append(row)
         where = f"step {step}/{total}" if step else "before training"
-        progress.note(f"{where}: held-out perplexity {ppl:.3f} (teacher {result.teacher_ppl:.3f})"
-                      + ("  best so far" if best and step else ""))
+        shown = f"held-out perplexity {row['ppl']:.3f}" + (
+            f", averaged weights {row['ppl_average']:.3f}" if "ppl_average" in row else "")
+        progress.note(f"{where}: {shown} (teacher {result.teacher_ppl:.3f})"
+                      + ("  best so far" if result.best_ppl < before and step else ""))
 
     return evaluate
 
@@ -189,7 +227,8 @@ def _optimizer_step(model, teacher, optimizer, data, cfg: LoopConfig, accelerato
 
 
 def _run_steps(model, teacher, optimizer, train_chunks: torch.Tensor, extra: torch.Tensor | None, cfg: LoopConfig,
-               accelerator, evaluate: _Evaluate, result: Result, started: float, progress: Progress) -> None:
+               accelerator, evaluate: _Evaluate, result: Result, started: float, progress: Progress,
+               average: Average | None = None) -> None:
     """The optimizer steps, evaluating every --eval-every steps, at the end, and when the time budget runs out."""
     data = batches(train_chunks, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
                    cfg.bos, extra)
@@ -201,6 +240,8 @@ def _run_steps(model, teacher, optimizer, train_chunks: torch.Tensor, extra: tor
         used = _elapsed(accelerator, started) / budget if budget else 0.0
         lr = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr, used)
         step_terms = _optimizer_step(model, teacher, optimizer, data, cfg, accelerator, lr)
+        if average is not None:
+            average.update()
         result.steps_done = step + 1
         result.tokens += tokens_per_step
         losses.append(step_terms["loss"])
@@ -256,14 +297,15 @@ def train(student, teacher, train_chunks: torch.Tensor, eval_windows: Windows | 
 
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     model, optimizer = accelerator.prepare(student, optimizer)
-    evaluate = _evaluator(accelerator, model, eval_windows, result, cfg.steps, started, progress)
+    average = Average(accelerator.unwrap_model(model), cfg.ema) if cfg.ema > 0 else None
+    evaluate = _evaluator(accelerator, model, eval_windows, result, cfg.steps, started, progress, average)
     try:
         evaluate(0, None, progress)
         model.train()
         extra = _synthetic(teacher, train_chunks, cfg, accelerator, result, started, progress)
         progress.start("Distilling", total=cfg.steps)
         _run_steps(model, teacher, optimizer, train_chunks, extra, cfg, accelerator, evaluate, result, started,
-                   progress)
+                   progress, average)
         progress.finish()
     except KeyboardInterrupt:
         progress.finish()
