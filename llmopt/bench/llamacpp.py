@@ -93,6 +93,7 @@ class LlamaCppLM:
         self.threads = threads
         self.n_vocab = llm.n_vocab()
         self._state: LlamaCppState | None = None
+        self.time_apart = None          # bench's timer in a process of its own (`llamacpp_timer`), while it times
 
     def get_input_embeddings(self) -> _InputsOnCpu:
         return _InputsOnCpu()

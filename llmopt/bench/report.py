@@ -216,7 +216,8 @@ def _runtimes(report: dict) -> list[str]:
     by: dict[str, list[str]] = {}
     for r in report["models"]:
         by.setdefault(r.get("runtime") or "?", []).append(r["name"])
-    labels = {"llama.cpp": f"llama.cpp {lc['version']} ({lc['threads']} threads)"}
+    labels = {"llama.cpp": f"llama.cpp {lc['version']} ({lc['threads']} threads, timed in its own process with "
+                           "OpenMP's default waiting)"}
     who = "; ".join(f"{labels.get(rt, rt)} for {', '.join(dict.fromkeys(names))}" for rt, names in by.items())
     return [f"runtime: {who}; llama.cpp is fed the same token ids and scored by the same code; its weights are "
             "the GGUF file's tensor bytes"]

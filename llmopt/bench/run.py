@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from llmopt.bench.llamacpp import LlamaCppLM, gguf_facts, load_llamacpp, resolve_gguf_runtime
+from llmopt.bench.llamacpp_timer import ApartTimer
 from llmopt.bench.quality import WindowStats, compare_models
 from llmopt.bench.report import check_replaceable, write_csv, write_plot
 from llmopt.bench.speed import bytes_read_per_token, measure_speed, memory_bandwidth, peak_memory, spread
@@ -89,7 +90,10 @@ METHOD_TEXT = {
                  "ids the other models get (tokenizer: the Hugging Face one transformers reads from the file) and "
                  "its logits are scored by the same code; a prefill computes the last position's logits only; "
                  "weight_bytes = the bytes of the file's tensors (disk_bytes: the whole file), parameters = "
-                 "their elements",
+                 "their elements; its generations are timed in a process of its own started without "
+                 "OMP_WAIT_POLICY (torch and llama.cpp share one OpenMP runtime per process, and the passive "
+                 "waiting llmopt sets for torch slows llama.cpp's multi-threaded decode several times), in the "
+                 "same interleaved rounds",
 }
 
 
@@ -269,11 +273,35 @@ def _speed(opts: BenchOptions, entries: list[_Entry], corpora: list[Corpus], pro
                 progress.finish()
             memory.append(done[id(e.loaded)])
     bandwidth = memory_bandwidth(model_device(entries[0].loaded.model))
-    speed = measure_speed([e.loaded.model for e in entries], prompts, opts.gen_len, opts.repeats, opts.warmup,
-                          batch_prompts, progress, names=[e.name for e in entries], compile=opts.compile)
+    apart = _apart_timers(entries, max(opts.seq_len, opts.prompt_len + opts.gen_len))
+    try:
+        speed = measure_speed([e.loaded.model for e in entries], prompts, opts.gen_len, opts.repeats, opts.warmup,
+                              batch_prompts, progress, names=[e.name for e in entries], compile=opts.compile)
+    finally:
+        for model in apart:
+            model.time_apart.close()
+            model.time_apart = None
     for s in speed:
         s.memory_bandwidth_gb_s = bandwidth
     return speed, memory
+
+
+def _apart_timers(entries: list[_Entry], context: int) -> list[LlamaCppLM]:
+    """Give every model llama.cpp runs a timer in a process of its own (`llamacpp_timer`: OpenMP waits there
+    as it does when llama.cpp runs alone); the models that got one."""
+    models = list({id(e.loaded.model): e.loaded.model for e in entries
+                   if isinstance(e.loaded.model, LlamaCppLM)}.values())
+    started: list[LlamaCppLM] = []
+    try:
+        for model in models:
+            model.time_apart = ApartTimer(model.path, context, model.threads)
+            started.append(model)
+    except BaseException:
+        for model in started:
+            model.time_apart.close()
+            model.time_apart = None
+        raise
+    return started
 
 
 def bench(opts: BenchOptions, progress: Progress = SILENT) -> dict:

@@ -106,7 +106,14 @@ def next_step(out) -> dict:
 def time_generation(model, prompt: torch.Tensor, gen_len: int, compiled: bool = False) -> Timing:
     """Greedy-decode `gen_len` tokens after `prompt` ([batch, prompt_len]) with a KV cache, attention
     served as `generate` serves it (`llmopt.attention`); time it. `compiled`: decode steps through the
-    compiled forward over a static cache (`llmopt.compiled`; compile it first with `compiled.warm_up`)."""
+    compiled forward over a static cache (`llmopt.compiled`; compile it first with `compiled.warm_up`). A
+    model with a `time_apart` timer (llama.cpp in bench: `llamacpp_timer`) is timed by it, in a process of
+    its own."""
+    apart = getattr(model, "time_apart", None)
+    if apart is not None:
+        ttft_s, decode_s = apart(prompt, gen_len)
+        return Timing(ttft_s=ttft_s, decode_s=decode_s, prompt_tokens=prompt.shape[1], new_tokens=gen_len,
+                      batch=prompt.shape[0])
     serve_attention(model)
     serve_decode(model)
     device = model_device(model)
