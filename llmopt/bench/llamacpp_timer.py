@@ -37,7 +37,11 @@ class ApartTimer:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "llmopt.bench.llamacpp_timer", str(path), str(context), str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
-        self._reply()                   # loaded
+        try:
+            self._reply()               # loaded
+        except BaseException:
+            self.close()
+            raise
 
     def __call__(self, prompt: torch.Tensor, gen_len: int) -> tuple[float, float]:
         if prompt.dim() != 2 or prompt.shape[0] != 1:

@@ -7,8 +7,10 @@ rounds. The report is a JSON-able dict with a `schema_version`; docs/bench.md do
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -273,35 +275,29 @@ def _speed(opts: BenchOptions, entries: list[_Entry], corpora: list[Corpus], pro
                 progress.finish()
             memory.append(done[id(e.loaded)])
     bandwidth = memory_bandwidth(model_device(entries[0].loaded.model))
-    apart = _apart_timers(entries, max(opts.seq_len, opts.prompt_len + opts.gen_len))
-    try:
+    with _timed_apart(entries, max(opts.seq_len, opts.prompt_len + opts.gen_len)):
         speed = measure_speed([e.loaded.model for e in entries], prompts, opts.gen_len, opts.repeats, opts.warmup,
                               batch_prompts, progress, names=[e.name for e in entries], compile=opts.compile)
-    finally:
-        for model in apart:
-            model.time_apart.close()
-            model.time_apart = None
     for s in speed:
         s.memory_bandwidth_gb_s = bandwidth
     return speed, memory
 
 
-def _apart_timers(entries: list[_Entry], context: int) -> list[LlamaCppLM]:
-    """Give every model llama.cpp runs a timer in a process of its own (`llamacpp_timer`: OpenMP waits there
-    as it does when llama.cpp runs alone); the models that got one."""
-    models = list({id(e.loaded.model): e.loaded.model for e in entries
-                   if isinstance(e.loaded.model, LlamaCppLM)}.values())
+@contextlib.contextmanager
+def _timed_apart(entries: list[_Entry], context: int) -> Iterator[None]:
+    """While the block runs, every model llama.cpp runs has a timer in a process of its own
+    (`llamacpp_timer`: OpenMP waits there as it does when llama.cpp runs alone)."""
+    models = {id(e.loaded.model): e.loaded.model for e in entries if isinstance(e.loaded.model, LlamaCppLM)}
     started: list[LlamaCppLM] = []
     try:
-        for model in models:
+        for model in models.values():
             model.time_apart = ApartTimer(model.path, context, model.threads)
             started.append(model)
-    except BaseException:
+        yield
+    finally:
         for model in started:
             model.time_apart.close()
             model.time_apart = None
-        raise
-    return started
 
 
 def bench(opts: BenchOptions, progress: Progress = SILENT) -> dict:
