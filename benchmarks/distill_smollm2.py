@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--synthetic-windows", type=int, default=0, help="teacher-written training windows")
     ap.add_argument("--ema", type=float, default=0.0, help="llmopt distill --ema")
+    ap.add_argument("--freeze-embeddings", action="store_true", help="llmopt distill --freeze-embeddings")
     ap.add_argument("--dtype", default="auto", help="the teacher's dtype")
     ap.add_argument("--precision", default="auto", help="llmopt distill --precision")
     ap.add_argument("--end-by", default=None, metavar="HH:MM",
@@ -134,7 +135,8 @@ def main() -> None:
                           grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps, loss=args.loss,
                           temperature=args.temperature, alpha_ce=args.alpha_ce, hidden_mse=args.hidden_mse,
                           eval_every=args.eval_every, eval_windows=args.eval_windows, max_minutes=budget,
-                          synthetic_windows=args.synthetic_windows, ema=args.ema, dtype=args.dtype, precision=args.precision,
+                          synthetic_windows=args.synthetic_windows, ema=args.ema,
+                          freeze_embeddings=args.freeze_embeddings, dtype=args.dtype, precision=args.precision,
                           data_dir=directory, device="cpu", force=True)
     cpu0 = time.process_time()
     summary = distill(opts, log)

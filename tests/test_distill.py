@@ -470,14 +470,32 @@ def test_cli_interrupt_exits_130_and_says_what_was_saved(pair, tmp_path, cli, mo
     assert "best checkpoint so far" in err and (out / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_frozen_embeddings_stay_as_they_were_and_the_rest_trains(tmp_path, tiny_tokenizer, trained_teacher, tied):
+    from transformers import AutoModelForCausalLM
+
+    start = build_tiny("llama", tiny_tokenizer, intermediate_size=64, tie_word_embeddings=tied)
+    start.save_pretrained(tmp_path / "student")
+    tiny_tokenizer.save_pretrained(tmp_path / "student")
+    summary = distill(_opts(trained_teacher, tmp_path / "student", tmp_path / "kd", steps=6, freeze_embeddings=True))
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "kd")
+    assert torch.equal(after.get_input_embeddings().weight, start.get_input_embeddings().weight)
+    assert torch.equal(after.get_output_embeddings().weight, start.get_output_embeddings().weight)
+    assert not torch.equal(after.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight)
+    assert summary["student_heldout_ppl_best"] < summary["student_heldout_ppl_before"]
+    frozen = start.get_input_embeddings().weight.numel() * (1 if tied else 2)
+    assert summary["trained_parameters"] == summary["student_parameters"] - frozen
+
+
 def test_cli_json(pair, tmp_path, cli):
     teacher, student = pair
     out = tmp_path / "kd"
     code, stdout, err = cli("distill", "--teacher", teacher, "--student", student, "-o", out, "--data", "builtin",
                             "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--eval-windows", "2",
-                            "--loss", "jsd", "--device", "cpu", "--json")
+                            "--loss", "jsd", "--device", "cpu", "--freeze-embeddings", "--json")
     assert code == 0, err
     summary = json.loads(stdout)
+    assert summary["trained_parameters"] < summary["student_parameters"]
     assert summary["steps_done"] == 3 and summary["output"] == str(out)
     assert summary["data"].startswith("builtin:")
     code, _, err = cli("distill", "--teacher", teacher, "--student", student, "-o", out, "--data", "builtin",

@@ -56,6 +56,11 @@ def distill(
                                             "with this decay (0 = off; 0.99 averages about the last 100 steps) "
                                             "and keep it when it scores better: steadier on a small corpus.")
                    ] = D.ema,
+    freeze_embeddings: Annotated[bool, typer.Option("--freeze-embeddings",
+                                                    help="Do not train the input embedding and the output head "
+                                                         "(tied or not): fewer weights to update, and no Adam "
+                                                         "steps on the rows of tokens the text never uses.")
+                                 ] = D.freeze_embeddings,
     max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes (the last "
                                                            "evaluation and the save come after).")
                            ] = D.max_minutes,
@@ -86,7 +91,7 @@ def distill(
                           batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
                           max_grad_norm=max_grad_norm, loss=loss, temperature=temperature, beta=beta,
                           alpha_ce=alpha_ce, hidden_mse=hidden_mse, eval_every=eval_every, eval_windows=eval_windows,
-                          synthetic_windows=synthetic_windows, ema=ema,
+                          synthetic_windows=synthetic_windows, ema=ema, freeze_embeddings=freeze_embeddings,
                           max_minutes=max_minutes, gradient_checkpointing=gradient_checkpointing, seed=seed,
                           data_dir=data_dir, device=device, dtype=dtype, precision=precision, force=force)
     summary = run_distill(opts, RichProgress(not json))

@@ -56,6 +56,7 @@ class DistillOptions:
     eval_windows: int = 16              # held-out windows of seq_len tokens
     synthetic_windows: int = 0          # windows the teacher samples (continuing the text) to train on too
     ema: float = 0.0                    # decay of a moving average of the student's weights, also scored (0 = off)
+    freeze_embeddings: bool = False     # keep the input embedding and the output head (tied or not) as they are
     max_minutes: float | None = None    # training time budget
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -243,9 +244,15 @@ def _load_pair(opts: DistillOptions, inputs: _Inputs, where: str, progress: Prog
     return teacher, student
 
 
-def _trainable(model, gradient_checkpointing: bool):
-    """The student in training mode; no KV cache, which training never reads."""
+def _trainable(model, gradient_checkpointing: bool, freeze_embeddings: bool = False):
+    """The student in training mode; no KV cache, which training never reads. Frozen embeddings: with a
+    full-vocabulary loss every row of the output head gets a gradient at every step, and Adam turns even the
+    tiny ones of tokens the text never uses into full-size updates."""
     model.config.use_cache = False
+    if freeze_embeddings:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                module.weight.requires_grad_(False)
     if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):     # the transformers >= 5.x name
             model.activation_checkpointing_enable({"use_reentrant": False})
@@ -287,6 +294,7 @@ def _metrics(opts: DistillOptions, result: Result, held_out: Windows, processes:
         "bos_per_window": held_out.bos,
         "curve": result.curve,
         "student_parameters": count_parameters(student),
+        "trained_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
         "teacher_parameters": count_parameters(teacher),
     }
 
@@ -331,7 +339,7 @@ def distill(opts: DistillOptions, progress: Progress = SILENT) -> dict:
     teacher, student = _load_pair(opts, inputs, _placement(accelerator), progress)
     tok = student.tokenizer
     train_ids, held_out = inputs.windows if inputs.windows is not None else _cut(opts, tok, inputs.text)
-    model = _trainable(student.model, opts.gradient_checkpointing)
+    model = _trainable(student.model, opts.gradient_checkpointing, opts.freeze_embeddings)
     result = train(model, teacher.model, train_ids, held_out, _loop_config(opts, held_out.bos), accelerator, progress)
 
     metrics = _metrics(opts, result, held_out, accelerator.num_processes, str(accelerator.mixed_precision), model,

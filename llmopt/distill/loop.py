@@ -295,7 +295,7 @@ def train(student, teacher, train_chunks: torch.Tensor, eval_windows: Windows | 
         result.teacher_ppl = math.exp(window_nll(teacher, eval_windows, progress, "Teacher held-out perplexity")
                                       .mean().item())
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     model, optimizer = accelerator.prepare(student, optimizer)
     average = Average(accelerator.unwrap_model(model), cfg.ema) if cfg.ema > 0 else None
     evaluate = _evaluator(accelerator, model, eval_windows, result, cfg.steps, started, progress, average)
