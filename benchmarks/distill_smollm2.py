@@ -1,8 +1,9 @@
-"""How much of what 20% width pruning costs SmolLM2-135M does a CPU-budget distillation recover?
+"""How much of what 20% pruning costs SmolLM2-135M (or --teacher) does a CPU-budget distillation recover?
 
     python benchmarks/distill_smollm2.py --work /tmp/kd-bench --max-minutes 50
+    python benchmarks/distill_smollm2.py --teacher gemma3-270m --student PRUNED --windows 4 --lr 1e-4
 
-1. prunes smollm2-135m by --ratio (llmopt prune with its defaults) unless --student is given;
+1. prunes --teacher (default smollm2-135m) by --ratio (llmopt prune with its defaults) unless --student is given;
 2. distills the pruned student from the original on WikiText-2 wiki.valid.raw (llmopt distill);
 3. measures wiki.test.raw perplexity (--windows x 2048 tokens, as `llmopt bench`) of the original,
    the pruned and the distilled model, and prints the fraction of the pruned->original gap recovered
