@@ -23,7 +23,7 @@ from llmopt.checkpoint import atomic_output, check_output, provenance, write_pro
 from llmopt.data import Text, Windows, bos_id, check_source, cut_eval, load_text, resolve_auto, text_per_window, \
     tokenize, tokenize_corpus
 from llmopt.distill.losses import LOSSES
-from llmopt.distill.loop import LoopConfig, Result, train
+from llmopt.distill.loop import LoopConfig, Result, train, trained_weights
 from llmopt.errors import UserError, require
 from llmopt.info import count_parameters
 from llmopt.models import LoadedModel, Source, load_model, local_dir, parse_device, parse_dtype, quant_method, \
@@ -294,7 +294,7 @@ def _metrics(opts: DistillOptions, result: Result, held_out: Windows, processes:
         "bos_per_window": held_out.bos,
         "curve": result.curve,
         "student_parameters": count_parameters(student),
-        "trained_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "trained_parameters": sum(p.numel() for p in trained_weights(student)),
         "teacher_parameters": count_parameters(teacher),
     }
 

@@ -133,6 +133,11 @@ def _snapshot(accelerator, model) -> dict | None:
 _Evaluate = Callable[[int, float | None, Progress], None]
 
 
+def trained_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights training updates (and averages): those not frozen (`--freeze-embeddings`)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class Average:
     """An exponential moving average of the trained weights (Polyak averaging). A student that learns a
     small corpus by heart generalizes better from an average over its last steps than from any one of
@@ -140,7 +145,7 @@ class Average:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = trained_weights(model)
         self.values = [p.detach().clone() for p in self.params]
         self.updates = 0
 
@@ -295,7 +300,7 @@ def train(student, teacher, train_chunks: torch.Tensor, eval_windows: Windows | 
         result.teacher_ppl = math.exp(window_nll(teacher, eval_windows, progress, "Teacher held-out perplexity")
                                       .mean().item())
 
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trained_weights(student), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     model, optimizer = accelerator.prepare(student, optimizer)
     average = Average(accelerator.unwrap_model(model), cfg.ema) if cfg.ema > 0 else None
     evaluate = _evaluator(accelerator, model, eval_windows, result, cfg.steps, started, progress, average)
