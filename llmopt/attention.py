@@ -1,22 +1,26 @@
-"""transformers' SDPA attention, on one CPU thread when a call has only a few query tokens (decode) and
-one thread measured faster.
+"""transformers' SDPA attention for CPU decode: the query heads folded onto their KV head, on one thread
+when that measured faster.
 
-A decode step's attention is one query row per head over the KV cache. PyTorch's CPU flash-attention
-kernel still wakes every thread for it, and with OpenMP's passive waiting that can cost more than the
-second thread saves, until the cache is about a megabyte (`benchmarks/decode_threads.py --attention`;
-docs/runtime.md). `serve_attention` switches a model on transformers' "sdpa" to the same function
-registered as "llmopt_sdpa", which runs such calls on one thread where `llmopt.one_thread` measured that
-faster: the same kernel on the same tensors (its sums split differently by thread count, so results
-agree to float rounding, about 1e-7 relative). The name is not saved with a checkpoint (transformers keeps
-it out of config.json), so nothing written depends on it. Inside a compiled decode step
-(`llmopt.compiled`) the choice is the eager steps' measurement where there is one, else the size alone;
-a call that wants every thread is an opaque all-threads op."""
+A decode step's attention is one query row per head over the KV cache. transformers hands a grouped-query
+model's heads to SDPA as they are (`enable_gqa`, or keys and values repeated in a compiled graph); for one
+query token llmopt folds each KV head's query heads into its query length, so one kernel call reads each
+KV head once (`_decode`; 1.4-2x faster per layer, `benchmarks/decode_attention.py`). PyTorch's CPU
+flash-attention kernel still wakes every thread for it, and with OpenMP's passive waiting that can cost
+more than the second thread saves, until the cache is about a megabyte (`benchmarks/decode_threads.py
+--attention`; docs/runtime.md). `serve_attention` switches a model on transformers' "sdpa" to the same
+function registered as "llmopt_sdpa", which folds such calls and runs them on one thread where
+`llmopt.one_thread` measured that faster. The sums are split differently, so results agree with
+transformers' to float rounding (about 1e-7 relative). The name is not saved with a checkpoint
+(transformers keeps it out of config.json), so nothing written depends on it. Inside a compiled decode
+step (`llmopt.compiled`) the thread choice is the eager steps' measurement where there is one, else the
+size alone; a call that wants every thread is an opaque all-threads op."""
 
 from __future__ import annotations
 
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from llmopt import one_thread
 
@@ -25,6 +29,8 @@ NAME = "llmopt_sdpa"
 # most this many bytes runs on one thread
 ONE_THREAD_MAX_QUERIES = 8
 ONE_THREAD_MAX_KV_BYTES = 1_500_000
+# the keywords transformers' SDPA function acts on (it ignores the others a model passes, e.g. position_ids)
+_CHANGES_SDPA = ("softcap", "output_attentions", "position_bias")
 
 
 def _one_thread(query: torch.Tensor, key: torch.Tensor) -> bool:
@@ -42,26 +48,35 @@ def _kind(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> 
     return "sdpa", tuple(query.shape), tuple(key.shape[:2]), key.dtype, mask is None, _kv_bytes(key).bit_length()
 
 
-def _compiled_decode(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """A compiled decode step's attention, or None where transformers' function must run. transformers folds
-    a single query's heads onto their KV head (`pack_gqa`) only in eager mode and repeats keys and values
-    in a compiled graph (3x the bytes read for SmolLM2); this folds them there too."""
-    b, heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    extras = {k for k, v in kwargs.items() if v is not None} - {"is_causal", "sliding_window"}
-    if q_len != 1 or dropout or extras or query.device.type != "cpu":
+def _decode(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """A CPU decode step's attention with the query heads folded onto their KV head, or None where
+    transformers' function must run. Eager calls run on one thread where `one_thread` measured that
+    faster; a compiled step follows the eager measurement where there is one."""
+    if not _folds(query, key, attention_mask, dropout, kwargs):
         return None
-    mask = attention_mask
-    if mask is not None and mask.shape[1] != 1:          # a per-head mask does not fold
-        return None
+    b, heads, _, dim = query.shape
+    kv_heads, mask = key.shape[1], attention_mask
     scale = dim ** -0.5 if scaling is None else scaling
     folded = query.reshape(b, kv_heads, heads // kv_heads, dim)
-    alone = one_thread.faster_alone(_kind(query, key, mask))        # as eager steps measured it, if they did
-    if _one_thread(query, key) and alone is not False:      # the compiled step runs on one thread (llmopt.compiled)
-        out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale)
+    kind, small = _kind(query, key, mask), _one_thread(query, key)
+    if not torch.compiler.is_compiling():
+        call = functools.partial(F.scaled_dot_product_attention, folded, key, value, attn_mask=mask, scale=scale)
+        out = one_thread.call_small(kind, call) if small and torch.get_num_threads() > 1 else call()
+    elif small and one_thread.faster_alone(kind) is not False:   # the compiled step runs on one thread
+        out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale)
     else:
         out = one_thread.sdpa(folded, key, value, mask, scale)
     return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2), None
+
+
+def _folds(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float, kwargs: dict) -> bool:
+    """One query token on CPU, its heads a multiple of the KV heads, a mask shared by all heads (a per-head
+    one does not fold), nothing asked of transformers' function beyond plain attention."""
+    if query.shape[2] != 1 or dropout or query.device.type != "cpu" or query.shape[1] % key.shape[1]:
+        return False
+    if any(kwargs.get(k) is not None and kwargs[k] is not False for k in _CHANGES_SDPA):
+        return False
+    return mask is None or mask.shape[1] == 1
 
 
 def _registered() -> bool:
@@ -75,10 +90,9 @@ def _registered() -> bool:
         return False
     if NAME not in AttentionInterface._global_mapping:
         def attention(module, query, key, value, attention_mask, *args, **kwargs):
-            if torch.compiler.is_compiling() and not args:
-                done = _compiled_decode(module, query, key, value, attention_mask, **kwargs)
-                if done is not None:
-                    return done
+            done = None if args else _decode(module, query, key, value, attention_mask, **kwargs)
+            if done is not None:
+                return done
             call = functools.partial(sdpa_attention_forward, module, query, key, value, attention_mask, *args,
                                      **kwargs)
             if _one_thread(query, key) and not torch.compiler.is_compiling() and torch.get_num_threads() > 1:

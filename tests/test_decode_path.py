@@ -196,6 +196,29 @@ def test_decode_attention_runs_on_one_thread_with_the_same_logits(arch, tiny_mod
     assert {t for _, t in seen} == {2}
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])      # gemma3: past its sliding window, with a mask
+def test_decode_attention_folds_the_query_heads_onto_their_kv_head(arch, tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    layers = 6 if arch == "gemma3" else 2
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch, num_hidden_layers=layers)).eval()
+    heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+    ids = torch.randint(3, 500, (1, 30), generator=torch.Generator().manual_seed(3))
+    want, want_logits = _greedy(model, ids, 12, kv_cache.growing_cache(model))
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **k: seen.append((tuple(q.shape), k.get("enable_gqa", False)))
+                        or real(q, *a, **k))
+    assert attention.serve_attention(model)
+    got, got_logits = _greedy(model, ids, 12, kv_cache.growing_cache(model))
+    decode = [s for s in seen if s[0][2] != 30]
+    assert len(decode) >= 12 * layers          # (more where one_thread times a call on one thread and on all)
+    assert set(decode) == {((1, kv_heads, heads // kv_heads, 16), False)}     # one kernel call per KV head
+    assert got == want
+    assert torch.allclose(got_logits, want_logits, rtol=0, atol=1e-5 * float(want_logits.abs().max()))
+
+
 def test_generate_serves_one_thread_decode_attention(tiny_model_dir, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
