@@ -3,8 +3,8 @@ when that measured faster.
 
 A decode step's attention is one query row per head over the KV cache. transformers hands a grouped-query
 model's heads to SDPA as they are (`enable_gqa`, or keys and values repeated in a compiled graph); for one
-query token llmopt folds each KV head's query heads into its query length, so one kernel call reads each
-KV head once (`_decode`; 1.4-2x faster per layer, `benchmarks/decode_attention.py`). PyTorch's CPU
+query token over a small cache llmopt folds each KV head's query heads into its query length, so one
+kernel call reads each KV head once (`_decode`, `benchmarks/decode_attention.py`). PyTorch's CPU
 flash-attention kernel still wakes every thread for it, and with OpenMP's passive waiting that can cost
 more than the second thread saves, until the cache is about a megabyte (`benchmarks/decode_threads.py
 --attention`; docs/runtime.md). `serve_attention` switches a model on transformers' "sdpa" to the same
@@ -58,21 +58,24 @@ def _decode(module, query, key, value, attention_mask, dropout=0.0, scaling=None
     kv_heads, mask = key.shape[1], attention_mask
     scale = dim ** -0.5 if scaling is None else scaling
     folded = query.reshape(b, kv_heads, heads // kv_heads, dim)
-    kind, small = _kind(query, key, mask), _one_thread(query, key)
+    kind = _kind(query, key, mask)
     if not torch.compiler.is_compiling():
         call = functools.partial(F.scaled_dot_product_attention, folded, key, value, attn_mask=mask, scale=scale)
-        out = one_thread.call_small(kind, call) if small and torch.get_num_threads() > 1 else call()
-    elif small and one_thread.faster_alone(kind) is not False:   # the compiled step runs on one thread
+        out = one_thread.call_small(kind, call) if torch.get_num_threads() > 1 else call()
+    elif one_thread.faster_alone(kind) is not False:          # the compiled step runs on one thread
         out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale)
     else:
         out = one_thread.sdpa(folded, key, value, mask, scale)
     return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2), None
 
 
-def _folds(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float, kwargs: dict) -> bool:
-    """One query token on CPU, its heads a multiple of the KV heads, a mask shared by all heads (a per-head
-    one does not fold), nothing asked of transformers' function beyond plain attention."""
-    if query.shape[2] != 1 or dropout or query.device.type != "cpu" or query.shape[1] % key.shape[1]:
+def _folds(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float,
+           kwargs: dict) -> bool:
+    """One query token on CPU over a cache small enough for one thread, its heads a multiple of the KV heads,
+    a mask shared by all heads (a per-head one does not fold), nothing asked of transformers' function beyond
+    plain attention. Over a larger cache a folded call lost its parallelism where there is one KV head
+    (Gemma3-270M, 2048 tokens on 2 threads: 0.55x of transformers' call), so those keep transformers'."""
+    if query.shape[2] != 1 or dropout or not _one_thread(query, key) or query.shape[1] % key.shape[1]:
         return False
     if any(kwargs.get(k) is not None and kwargs[k] is not False for k in _CHANGES_SDPA):
         return False
