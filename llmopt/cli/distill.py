@@ -94,7 +94,11 @@ def distill(
                           synthetic_windows=synthetic_windows, ema=ema, freeze_embeddings=freeze_embeddings,
                           max_minutes=max_minutes, gradient_checkpointing=gradient_checkpointing, seed=seed,
                           data_dir=data_dir, device=device, dtype=dtype, precision=precision, force=force)
-    summary = run_distill(opts, RichProgress(not json))
+    _report(run_distill(opts, RichProgress(not json)), loss, output, json)
+
+
+def _report(summary: dict, loss: str, output: str, json: bool) -> None:
+    """The summary as JSON or a table, from the main process only; exit 130 after an interrupt."""
     from accelerate import PartialState
 
     if not PartialState().is_main_process:   # under accelerate launch / torchrun, one process reports

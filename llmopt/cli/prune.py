@@ -78,6 +78,15 @@ def prune(
         err_console.print(_channels_table(summary))
     if summary["plans_tried"]:
         err_console.print(_plans_table(summary))
+    err_console.print(_summary_table(summary))
+    by_axis = ", ".join(f"{k} {human_count(v)}" for k, v in summary["parameters_removed_by_axis"].items() if v)
+    err_console.print(f"removed {summary['ratio_achieved']:.2%} of all parameters ({by_axis}; "
+                      f"{summary['decoder_ratio_achieved']:.2%} of the decoder layers)", highlight=False)
+    err_console.print(f"[green]wrote[/green] {output}", highlight=False)
+
+
+def _summary_table(summary: dict) -> Table:
+    """Sizes and calibration loss before and after."""
     before, after = summary["widths_before"], summary["widths_after"]
     table = Table(title=f"llmopt prune ({summary['importance']})", title_justify="left")
     table.add_column("")
@@ -93,11 +102,7 @@ def prune(
     table.add_row("intermediate size", str(before["intermediate"]), str(after["intermediate"]))
     table.add_row("calibration loss", f"{summary['calibration_loss_before']:.4f}",
                   f"{summary['calibration_loss_after']:.4f}")
-    err_console.print(table)
-    by_axis = ", ".join(f"{k} {human_count(v)}" for k, v in summary["parameters_removed_by_axis"].items() if v)
-    err_console.print(f"removed {summary['ratio_achieved']:.2%} of all parameters ({by_axis}; "
-                      f"{summary['decoder_ratio_achieved']:.2%} of the decoder layers)", highlight=False)
-    err_console.print(f"[green]wrote[/green] {output}", highlight=False)
+    return table
 
 
 def _plans_table(summary: dict) -> Table:
