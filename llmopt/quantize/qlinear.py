@@ -198,6 +198,7 @@ class QuantLinear(torch.nn.Module):
                 tinygemm.codes(self.w_int4, order, np_, kp), codes.to(torch.uint8).to(device))
             self.register_buffer("tile_order", order, persistent=False)
         else:        # the first and last blocks of rows (the layout repeats per block; a whole head takes seconds)
+            self.cpu_block = _cpu_block()     # an attribute: a compiled graph reads it, not the probe's ops
             probe = torch.cat([torch.arange(min(np_, 2 * _CPU_BLOCK_N)), torch.arange(max(0, np_ - _CPU_BLOCK_N), np_)])
             self.cheap_dequant = torch.equal(self.int4_codes_of_rows(probe.to(device)).to(torch.int32).cpu(),
                                              codes[probe])
@@ -232,8 +233,8 @@ class QuantLinear(torch.nn.Module):
 
     def _int4_codes_t(self) -> torch.Tensor:
         """Codes [Kp, Np] (transposed) read back from the CPU kernel's buffer: blocks of B output rows
-        (`_cpu_block`); byte j of each input row holds row j in its low nibble and row B/2 + j in its high one."""
-        block = _cpu_block()
+        (`cpu_block`); byte j of each input row holds row j in its low nibble and row B/2 + j in its high one."""
+        block = self.cpu_block
         b = self.w_int4.view(self.n_pad // block, self.k_pad, block // 2)
         codes = torch.cat([b & 15, b >> 4], dim=-1)       # [Nb, Kp, B]
         return codes.transpose(0, 1).reshape(self.k_pad, self.n_pad)
@@ -243,7 +244,7 @@ class QuantLinear(torch.nn.Module):
         layout; on CUDA tinygemm's), without unpacking the others: a tied embedding's lookup."""
         if self.device_type == "cuda":
             return tinygemm.codes_of_rows(self.w_int4, self.tile_order, rows, self.n_pad, self.k_pad)
-        block = _cpu_block()
+        block = self.cpu_block
         b = self.w_int4.view(self.n_pad // block, self.k_pad, block // 2)
         within = rows % block
         raw = b[rows // block, :, within % (block // 2)]                    # [M, Kp]
@@ -253,7 +254,7 @@ class QuantLinear(torch.nn.Module):
         """W [r1 - r0, Kp] in `dtype` for output rows r0:r1 (multiples of 64), from the CPU kernel's buffer:
         nibbles split straight into W's row order (one strided pass over the packed bytes), then
         W = (q - 8) * scale + zero_f per group, as the kernel computes it."""
-        block = _cpu_block()
+        block = self.cpu_block
         b = self.w_int4.view(self.n_pad // block, self.k_pad, block // 2)[r0 // block: r1 // block]
         b = b.transpose(1, 2)                             # [blocks, B/2, Kp]
         codes = torch.empty(b.shape[0], 2, block // 2, self.k_pad, dtype=torch.uint8, device=b.device)
