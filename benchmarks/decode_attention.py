@@ -31,14 +31,12 @@ class _Attn(torch.nn.Module):
         self.num_key_value_groups, self.is_causal = groups, True
 
 
-def _median_us(fn, rounds: int, calls: int = 20) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+def _us(fn, calls: int = 20) -> float:
+    """Mean microseconds per call over `calls` calls."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def main() -> None:
@@ -65,7 +63,7 @@ def main() -> None:
                 us = {name: [] for name in calls}
                 for i in range(args.rounds):
                     for name in calls if i % 2 else reversed(list(calls)):
-                        us[name].append(_median_us(calls[name], 1))
+                        us[name].append(_us(calls[name]))
                 torch.set_num_threads(threads)
                 base, ours = statistics.median(us["sdpa"]), statistics.median(us[attention.NAME])
                 print(f"{model} | {n} | {t} | {base:.1f} | {ours:.1f} | {base / ours:.2f}x | {diff:.1e}")
